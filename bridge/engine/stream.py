@@ -1,0 +1,538 @@
+"""StreamEngine: StreamDiffusion's Stream Batch, residual CFG and similarity filter.
+
+One call per frame. With n = len(t_index_list) steps and f = frame_buffer_size, the UNet sees
+the n denoising steps of n frames in flight as one batch (rows ordered by step, f rows each);
+a frame entering now leaves n - 1 calls later. `use_denoising_batch=False` is the sequential
+reference: n UNet calls on one frame. Both share the step math in `guidance.py`.
+
+Threading: an engine belongs to one thread (the runtime's engine loop). Live setters are called
+from that thread between frames. Nothing here sleeps, times, or syncs with the device except
+the documented ones: the similarity score (one scalar) and the final copy for `output_type="uint8"`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bridge.engine.guidance import CfgType, StepCoefs, boundary_scalings, guide, lcm_x0, residual_stock
+from bridge.engine.prompts import PromptCache, PromptSpec
+from bridge.engine.similarity import SimilarityFilter
+
+log = logging.getLogger(__name__)
+
+OutputType = Literal["pt", "uint8", "latent"]
+SeedSpec = int | Sequence[tuple[int, float]]
+"""A seed, or a blend [(seed, weight), ...] of the seeds' noises (variance preserved)."""
+
+MAX_STEPS = 10
+
+
+@dataclass
+class EngineStats:
+    """Counters since construction; read them from the engine's thread."""
+
+    frames: int = 0  # calls to __call__
+    skipped: int = 0  # frames the similarity filter skipped
+    unet_calls: int = 0
+    vae_encodes: int = 0
+    vae_decodes: int = 0
+
+
+@dataclass(frozen=True)
+class _UNetInputs:
+    """Prepared per-call UNet arguments for one row layout (rebuilt on changes, not per frame)."""
+
+    timesteps: Tensor  # (rows,)
+    embeds: Tensor  # (rows, L, D)
+    added: dict[str, Tensor] | None  # SDXL: text_embeds (rows, P), time_ids (rows, 6)
+
+
+def _validate_t_index_list(t_index_list: Sequence[int], num_inference_steps: int | None) -> list[int]:
+    values = list(t_index_list)
+    if not 1 <= len(values) <= MAX_STEPS:
+        raise ValueError(f"t_index_list must hold 1 to {MAX_STEPS} entries, got {len(values)}: {values}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ValueError(f"t_index_list entries must be ints, got {v!r} in {values}")
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"t_index_list must be strictly ascending, got {values}")
+    if num_inference_steps is not None and not all(0 <= v < num_inference_steps for v in values):
+        raise ValueError(
+            f"t_index_list entries must be within [0, {num_inference_steps - 1}] "
+            f"(num_inference_steps={num_inference_steps}), got {values}"
+        )
+    return [int(v) for v in values]
+
+
+class StreamEngine:
+    """Real-time img2img / txt2img over a loaded diffusers SD 1.5, SD 2.1 or SDXL pipeline.
+
+    Build it, call `prepare()` once, then call it once per frame. Between frames, the `set_*`
+    methods change prompt, negative prompt, seed, guidance, delta, t_index values and the
+    similarity filter without a reload; each takes effect on the next frame.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        t_index_list: Sequence[int],
+        *,
+        width: int,
+        height: int,
+        cfg_type: str | CfgType = "self",
+        frame_buffer_size: int = 1,
+        use_denoising_batch: bool = True,
+        dtype: torch.dtype | None = None,
+        do_add_noise: bool = True,
+        similarity_seed: int | None = None,
+    ) -> None:
+        # 1. Check inputs: everything the per-frame path relies on is validated here, once.
+        if width % 8 or height % 8 or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+        if isinstance(frame_buffer_size, bool) or not isinstance(frame_buffer_size, int) or frame_buffer_size < 1:
+            raise ValueError(f"frame_buffer_size must be an int >= 1, got {frame_buffer_size!r}")
+        prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ValueError(
+                f"the model predicts {prediction!r}; StreamEngine needs an epsilon-prediction model "
+                "(SD 1.5, sd-turbo, SDXL, sdxl-turbo), not a v-prediction one such as SD 2.1-768"
+            )
+        self.pipe = pipe
+        self.cfg_type = CfgType.parse(cfg_type)
+        self.width, self.height = width, height
+        self.frame_buffer_size = frame_buffer_size
+        self.use_denoising_batch = use_denoising_batch
+        self.do_add_noise = do_add_noise
+        self.device: torch.device = pipe.unet.device
+        self.dtype: torch.dtype = dtype if dtype is not None else pipe.unet.dtype
+        self._t_index_list = _validate_t_index_list(t_index_list, None)
+        self._latent_shape = (4, height // 8, width // 8)
+        self._vae_scale = float(pipe.vae.config.scaling_factor)
+        self._vae_is_kl = hasattr(pipe.vae, "quant_conv")  # AutoencoderKL samples; AutoencoderTiny does not
+        self._prompts = PromptCache(pipe, device=self.device, dtype=self.dtype)
+        self.similarity = SimilarityFilter(seed=similarity_seed)
+        self.stats = EngineStats()
+        self._prepared = False
+        from diffusers import LCMScheduler
+
+        self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def t_index_list(self) -> list[int]:
+        return list(self._t_index_list)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._t_index_list)
+
+    @property
+    def init_noise(self) -> Tensor:
+        """The fixed noise (n*f, 4, H/8, W/8) in effect, one slot per step (read-only)."""
+        self._require_prepared()
+        return self._init_noise
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The text-embedding cache; `.misses` counts text-encoder calls, `.hits` reuses."""
+        return self._prompts
+
+    # ------------------------------------------------------------------ preparation
+    @torch.no_grad()
+    def prepare(
+        self,
+        prompt: PromptSpec,
+        negative_prompt: PromptSpec = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.2,
+        delta: float = 1.0,
+        seed: SeedSpec = 2,
+    ) -> None:
+        """(Re)start the stream: timesteps, fixed noise from `seed`, prompts, empty buffers.
+
+        The noise is drawn exactly as the original StreamDiffusion does (a CPU generator seeded
+        with `seed`, then moved), so the same inputs give the same frames.
+        """
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self._t_index_list = _validate_t_index_list(self._t_index_list, num_inference_steps)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self._all_timesteps = [int(t) for t in self.scheduler.timesteps]
+        self._num_inference_steps = num_inference_steps
+        self.guidance_scale = self._check_guidance(guidance_scale)
+        self.delta = self._check_delta(delta)
+        self._noise_cache: dict[int, Tensor] = {}
+        self._seed_spec = self._check_seed(seed)
+        self._cond = self._prompts.blend(prompt)
+        self._uncond = self._prompts.blend(negative_prompt, what="negative_prompt")
+        self._prompt, self._negative_prompt = prompt, negative_prompt
+        self._resize_state(keep_last=False)
+        self.similarity.reset()
+        self._last: dict[str, Any] = {}
+        self._prepared = True
+
+    def _resize_state(self, *, keep_last: bool) -> None:
+        """Build every tensor whose shape depends on n = len(t_index_list)."""
+        n, f = self.num_steps, self.frame_buffer_size
+        self._make_noise()
+        self._stock = torch.zeros_like(self._init_noise)
+        self._seq_stock = torch.zeros_like(self._init_noise[:f])
+        self._set_coefs()
+        buffer_rows = (n - 1) * f if self.use_denoising_batch else 0
+        self._buffer = torch.zeros((buffer_rows, *self._latent_shape), device=self.device, dtype=self.dtype)
+        last = getattr(self, "_last_x0", None) if keep_last else None
+        if last is not None and buffer_rows:
+            # A live change of the step count: fill the new in-flight slots from the last output,
+            # noised to each slot's timestep, instead of n-1 brown frames from zero latents.
+            alpha, beta = self._coefs.alpha[f:], self._coefs.beta[f:]
+            self._buffer = alpha * last.repeat(n - 1, 1, 1, 1) + beta * self._init_noise[f:]
+        if not keep_last:
+            self._last_x0: Tensor | None = None
+        self._refresh_unet_inputs()
+
+    def _make_noise(self) -> None:
+        """init_noise (n*f, 4, H/8, W/8) from the seed spec; the CPU generator continues for
+        VAE sampling and txt2img latents, as in the original."""
+        shape = (self.num_steps * self.frame_buffer_size, *self._latent_shape)
+        seeds = self._seed_spec
+        gen = torch.Generator().manual_seed(seeds[0][0])
+        first = torch.randn(shape, generator=gen)
+        if len(seeds) == 1:
+            noise = first
+        else:
+            parts = [first] + [self._seed_noise(s, shape) for s, _ in seeds[1:]]
+            total = math.sqrt(sum(w * w for _, w in seeds))
+            noise = sum((p * (w / total) for p, (_, w) in zip(parts, seeds, strict=True)), torch.zeros(shape))
+        self._generator = gen
+        self._init_noise = noise.to(device=self.device, dtype=self.dtype)
+
+    def _seed_noise(self, seed: int, shape: tuple[int, ...]) -> Tensor:
+        cached = self._noise_cache.get(seed)
+        if cached is None or tuple(cached.shape) != shape:
+            cached = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            if len(self._noise_cache) >= 16:
+                self._noise_cache.clear()
+            self._noise_cache[seed] = cached
+        return cached
+
+    def _set_coefs(self) -> None:
+        """Per-row alpha, beta, c_skip, c_out for the current t_index values."""
+        f = self.frame_buffer_size
+        taus = [self._all_timesteps[i] for i in self._t_index_list]
+        acp = self.scheduler.alphas_cumprod
+        alpha = torch.stack([acp[t].sqrt() for t in taus]).float()
+        beta = torch.stack([(1 - acp[t]).sqrt() for t in taus]).float()
+        c_skip, c_out = boundary_scalings(self.scheduler, taus)
+        one = torch.ones(1)
+
+        def rows(v: Tensor) -> Tensor:  # (n,) -> (n*f, 1, 1, 1)
+            return v.repeat_interleave(f).view(-1, 1, 1, 1).to(device=self.device, dtype=self.dtype)
+
+        self._coefs = StepCoefs(
+            alpha=rows(alpha),
+            beta=rows(beta),
+            c_skip=rows(c_skip),
+            c_out=rows(c_out),
+            alpha_next=rows(torch.cat([alpha[1:], one])),
+            beta_next=rows(torch.cat([beta[1:], one])),
+        )
+        self._sub_timesteps = torch.tensor(taus, dtype=torch.long).repeat_interleave(f).to(self.device)
+        # Residual memory: row i moves on to slot i+1's fixed noise; the last wraps to slot 0.
+        self._next_noise_index = torch.arange(self.num_steps * f).roll(-f).to(self.device)
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def _guided(self) -> bool:
+        return self.cfg_type is not CfgType.NONE and self.guidance_scale > 1.0
+
+    def _unet_inputs(self, timesteps: Tensor, *, holds_newest: bool) -> _UNetInputs:
+        """UNet arguments for rows at `timesteps`, with the negative rows the mode needs now.
+        `holds_newest`: the first f rows are the newest frame (where `initialize` adds its row)."""
+        f, rows = self.frame_buffer_size, timesteps.shape[0]
+        cond, uncond = self._cond.repeat(rows), self._uncond
+        if self._guided and self.cfg_type is CfgType.FULL:
+            parts, ts = [uncond.repeat(rows), cond], torch.cat([timesteps, timesteps])
+        elif self._guided and self.cfg_type is CfgType.INITIALIZE and holds_newest:
+            parts, ts = [uncond.repeat(f), cond], torch.cat([timesteps[:f], timesteps])
+        else:
+            parts, ts = [cond], timesteps
+        embeds = torch.cat([p.embeds for p in parts])
+        added = None
+        if self._prompts.is_sdxl:
+            pooled = torch.cat([p.pooled for p in parts if p.pooled is not None])
+            size = [self.height, self.width, 0, 0, self.height, self.width]
+            time_ids = torch.tensor([size], device=self.device, dtype=self.dtype).expand(ts.shape[0], -1)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        return _UNetInputs(ts, embeds, added)
+
+    def _refresh_unet_inputs(self) -> None:
+        """Rebuild the prepared UNet arguments after a change of prompt, guidance or steps."""
+        f = self.frame_buffer_size
+        if self.use_denoising_batch:
+            self._batch_inputs = self._unet_inputs(self._sub_timesteps, holds_newest=True)
+        else:
+            self._step_inputs = [
+                self._unet_inputs(self._sub_timesteps[i * f : (i + 1) * f], holds_newest=i == 0)
+                for i in range(self.num_steps)
+            ]
+
+    # ------------------------------------------------------------------ live updates
+    def set_prompt(self, prompt: PromptSpec) -> None:
+        """A new prompt or weighted blend [(text, weight), ...]; cached texts cost no encode."""
+        self._require_prepared()
+        self._cond = self._prompts.blend(prompt)
+        self._prompt = prompt
+        self._refresh_unet_inputs()
+
+    def set_negative_prompt(self, negative_prompt: PromptSpec) -> None:
+        """A new negative prompt; used by the `full` and `initialize` modes."""
+        self._require_prepared()
+        self._uncond = self._prompts.blend(negative_prompt, what="negative_prompt")
+        self._negative_prompt = negative_prompt
+        self._refresh_unet_inputs()
+
+    def set_seed(self, seed: SeedSpec) -> None:
+        """A new seed, or a blend [(seed, weight), ...]; regenerates the fixed noise only."""
+        self._require_prepared()
+        self._seed_spec = self._check_seed(seed)
+        self._make_noise()
+
+    def set_guidance_scale(self, guidance_scale: float) -> None:
+        """New guidance; crossing 1.0 adds or drops the negative rows of `full`/`initialize`."""
+        self._require_prepared()
+        self.guidance_scale = self._check_guidance(guidance_scale)
+        self._refresh_unet_inputs()
+
+    def set_delta(self, delta: float) -> None:
+        """New residual-CFG delta (the weight of the virtual negative)."""
+        self._require_prepared()
+        self.delta = self._check_delta(delta)
+
+    def set_t_index_list(self, t_index_list: Sequence[int]) -> None:
+        """New t_index values; a different count resizes the in-flight buffers."""
+        self._require_prepared()
+        values = _validate_t_index_list(t_index_list, self._num_inference_steps)
+        resized = len(values) != self.num_steps
+        self._t_index_list = values
+        if resized:
+            self._resize_state(keep_last=True)
+        else:
+            self._set_coefs()
+            self._refresh_unet_inputs()
+
+    def set_similarity_filter(
+        self, *, enabled: bool | None = None, threshold: float | None = None, max_skip: int | None = None
+    ) -> None:
+        """Switch the stochastic similarity filter and set its threshold (eta) and max_skip."""
+        self.similarity.configure(enabled=enabled, threshold=threshold, max_skip=max_skip)
+
+    @staticmethod
+    def _check_guidance(value: float) -> float:
+        g = float(value)
+        if not 0.0 <= g <= 50.0:  # also rejects NaN
+            raise ValueError(f"guidance_scale must be within [0, 50], got {value!r}")
+        return g
+
+    @staticmethod
+    def _check_delta(value: float) -> float:
+        d = float(value)
+        if not 0.0 <= d <= 10.0:
+            raise ValueError(f"delta must be within [0, 10], got {value!r}")
+        return d
+
+    @staticmethod
+    def _check_seed(seed: SeedSpec) -> tuple[tuple[int, float], ...]:
+        if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+            pairs: list[tuple[int, float]] = [(int(seed), 1.0)]
+        elif isinstance(seed, Sequence) and seed and all(isinstance(p, tuple | list) and len(p) == 2 for p in seed):
+            pairs = [(int(s), float(w)) for s, w in seed]
+        else:
+            raise ValueError(f"seed must be an int or a list of (seed, weight) pairs, got {seed!r}")
+        for s, w in pairs:
+            if not 0 <= s < 2**63:
+                raise ValueError(f"seed must be within [0, 2**63), got {s}")
+            if not w >= 0.0:
+                raise ValueError(f"seed blend weight for seed {s} must be >= 0, got {w}")
+        if sum(w for _, w in pairs) <= 0.0:
+            raise ValueError(f"seed blend weights must not all be zero, got {pairs}")
+        # The heaviest seed comes first: it drives the CPU generator that continues after the noise.
+        pairs.sort(key=lambda p: -p[1])
+        return tuple(p for p in pairs if p[1] > 0.0)
+
+    def _require_prepared(self) -> None:
+        if not self._prepared:
+            raise RuntimeError("StreamEngine.prepare(prompt, ...) must be called before frames or updates")
+
+    # ------------------------------------------------------------------ per frame
+    @torch.no_grad()
+    def __call__(self, image: Tensor | np.ndarray | None = None, output_type: OutputType = "pt") -> Any:
+        """Process one frame and return the output that has left the pipeline.
+
+        `image`: (f, 3, H, W) float tensor in [0, 1], or uint8 array (H, W, 3|4) / (f, H, W, 3|4);
+        None means txt2img. Returns, per `output_type`: "pt" a (f, 3, H, W) float tensor in
+        [0, 1]; "uint8" an (H, W, 4) uint8 array on the host ((f, H, W, 4) when f > 1);
+        "latent" the (f, 4, H/8, W/8) x0 latent before decoding.
+        """
+        self._require_prepared()
+        if output_type not in ("pt", "uint8", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'uint8' or 'latent', got {output_type!r}")
+        self.stats.frames += 1
+        f = self.frame_buffer_size
+
+        # 1. Input: normalise to [-1, 1] at model size; the similarity filter may end here.
+        if image is not None:
+            pixels = self._preprocess(image)
+            if self.similarity.should_skip(pixels) and self._last_x0 is not None:
+                self.stats.skipped += 1
+                return self._output(self._last_x0, output_type, reuse=True)
+            x = self._encode(pixels)
+            # 2. Noise the new latent to the first timestep with the fixed noise.
+            x = self._coefs.alpha[:f] * x + self._coefs.beta[:f] * self._init_noise[:f]
+        else:
+            # txt2img: a fresh seeded latent per frame (reproducible from prepare()).
+            x = torch.randn((f, *self._latent_shape), generator=self._generator).to(self.device, self.dtype)
+
+        # 3.-6. Denoise: all in-flight steps in one UNet call, or the sequential reference.
+        x0 = self._denoise_batch(x) if self.use_denoising_batch else self._denoise_sequential(x)
+        self._last_x0 = x0
+        self._last = {}
+        return self._output(x0, output_type, reuse=False)
+
+    def _preprocess(self, image: Tensor | np.ndarray) -> Tensor:
+        f = self.frame_buffer_size
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] not in (3, 4):
+                raise ValueError(
+                    f"image array must be uint8 (H, W, 3|4) or (f, H, W, 3|4), got {image.dtype} {image.shape}"
+                )
+            batch = image[None] if image.ndim == 3 else image
+            tensor = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
+            tensor = tensor.permute(0, 3, 1, 2).to(self.dtype) / 255.0
+        elif isinstance(image, Tensor):
+            if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+                raise ValueError(f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+            tensor = image.to(device=self.device, dtype=self.dtype)
+        else:
+            raise TypeError(f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}")
+        if tensor.shape[0] != f:
+            raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {tensor.shape[0]}")
+        if tensor.shape[-2:] != (self.height, self.width):
+            tensor = torch.nn.functional.interpolate(
+                tensor, size=(self.height, self.width), mode="bilinear", align_corners=False
+            )
+        return tensor * 2.0 - 1.0  # (f, 3, H, W) in [-1, 1]
+
+    def _encode(self, pixels: Tensor) -> Tensor:
+        self.stats.vae_encodes += 1
+        encoded = self.pipe.vae.encode(pixels)
+        if self._vae_is_kl:
+            latent = encoded.latent_dist.sample(self._generator)
+        else:
+            latent = encoded.latents
+        return latent * self._vae_scale  # (f, 4, H/8, W/8)
+
+    def _unet(self, x: Tensor, inputs: _UNetInputs) -> Tensor:
+        self.stats.unet_calls += 1
+        return self.pipe.unet(
+            x,
+            inputs.timesteps,
+            encoder_hidden_states=inputs.embeds,
+            added_cond_kwargs=inputs.added,
+            return_dict=False,
+        )[0]
+
+    def _step(self, x: Tensor, inputs: _UNetInputs, coefs: StepCoefs, stock: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One UNet call with guidance and the LCM step. Returns (x0, eps, stock), where stock
+        has its first f rows replaced by the real negative in `initialize` mode."""
+        f, rows = self.frame_buffer_size, x.shape[0]
+        extra = inputs.timesteps.shape[0] - rows  # negative rows run in front: 0, f or rows
+        model_in = x if extra == 0 else torch.cat([x[:extra], x]) if extra == f else torch.cat([x, x])
+        pred = self._unet(model_in, inputs)
+        eps_c = pred[extra:]
+        eps = eps_c
+        if self._guided:
+            if self.cfg_type is CfgType.FULL:
+                eps = guide(eps_c, pred[:extra], self.guidance_scale)
+            else:
+                if self.cfg_type is CfgType.INITIALIZE and extra:
+                    stock = torch.cat([pred[:extra], stock[extra:]])
+                eps = guide(eps_c, self.delta * stock, self.guidance_scale)
+        return lcm_x0(eps, x, coefs), eps, stock
+
+    def _denoise_batch(self, x: Tensor) -> Tensor:
+        f, n = self.frame_buffer_size, self.num_steps
+        batch = torch.cat([x, self._buffer]) if n > 1 else x  # (n*f, 4, h, w) at tau_0..tau_{n-1}
+        if n > 1:
+            self._stock = torch.cat([self._init_noise[:f], self._stock[:-f]])
+        x0, eps, stock = self._step(batch, self._batch_inputs, self._coefs, self._stock)
+        if self.cfg_type.residual:
+            self._stock = residual_stock(eps, stock, self._coefs, self._init_noise[self._next_noise_index])
+        if n == 1:
+            return x0
+        kept = self._coefs.alpha[f:] * x0[:-f]
+        self._buffer = kept + self._coefs.beta[f:] * self._init_noise[f:] if self.do_add_noise else kept
+        return x0[-f:]
+
+    def _denoise_sequential(self, x: Tensor) -> Tensor:
+        f, n = self.frame_buffer_size, self.num_steps
+        # The residual memory follows the frame, as it does through the batch rows.
+        stock = self._init_noise[:f] if n > 1 else self._seq_stock
+        x0 = x
+        for i in range(n):
+            coefs = self._coefs.rows(i * f, (i + 1) * f)
+            x0, eps, stock = self._step(x, self._step_inputs[i], coefs, stock)
+            nxt = ((i + 1) % n) * f
+            if self.cfg_type.residual:
+                stock = residual_stock(eps, stock, coefs, self._init_noise[nxt : nxt + f])
+            if i < n - 1:
+                kept = coefs.alpha_next * x0
+                x = kept + self._coefs.beta[nxt : nxt + f] * self._init_noise[nxt : nxt + f] if self.do_add_noise else kept
+        self._seq_stock = stock
+        return x0
+
+    def _output(self, x0: Tensor, output_type: OutputType, *, reuse: bool) -> Any:
+        if output_type == "latent":
+            return x0
+        cached = self._last.get(output_type) if reuse else None
+        if cached is not None:
+            return cached
+        image = self._last.get("pt") if reuse else None
+        if image is None:
+            self.stats.vae_decodes += 1
+            decoded = self.pipe.vae.decode(x0 / self._vae_scale, return_dict=False)[0]
+            image = (decoded / 2 + 0.5).clamp(0, 1)  # (f, 3, H, W)
+            self._last["pt"] = image
+        if output_type == "pt":
+            return image
+        # uint8: convert on the device, then one copy to the host (the documented sync).
+        f = image.shape[0]
+        rgba = torch.full((f, self.height, self.width, 4), 255, dtype=torch.uint8, device=image.device)
+        rgba[..., :3] = (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        host = rgba.cpu().numpy()
+        result = host[0] if f == 1 else host
+        self._last["uint8"] = result
+        return result
+
+    def current_prompt(self) -> PromptSpec:
+        """The prompt (or blend) in effect."""
+        return self._prompt
+
+    def current_negative_prompt(self) -> PromptSpec:
+        """The negative prompt (or blend) in effect."""
+        return self._negative_prompt
+
+    def current_seed(self) -> SeedSpec:
+        """The seed (or blend) in effect."""
+        spec = self._seed_spec
+        return spec[0][0] if len(spec) == 1 else list(spec)
+

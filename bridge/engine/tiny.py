@@ -1,0 +1,379 @@
+"""The embedded `tiny` models: seeded random-weight pipelines of each supported family.
+
+Each variant is built once with a fixed seed, calibrated so its frames are worth looking at,
+written with `save_pretrained` into a local cache folder, and from then on loaded through the
+same `from_pretrained` path as any real model. Nothing is downloaded.
+
+| name        | family | text encoders                     | VAE                 |
+|-------------|--------|-----------------------------------|---------------------|
+| `tiny`      | SD 1.5 | one CLIP (last hidden state)      | AutoencoderTiny     |
+| `tiny-sd21` | SD 2.1 | one CLIP, linear-projection UNet  | AutoencoderKL       |
+| `tiny-sdxl` | SDXL   | CLIP + CLIP-with-projection       | AutoencoderTiny     |
+
+Calibration: random weights give latents, noise predictions and pixels of arbitrary scale, and
+decoded frames clamp flat. We rescale the last layer of each network once, per channel, so
+latents have unit variance, the UNet's noise prediction has unit variance, and the decoder's
+pixels sit around mid-grey with a spread that stays inside [0, 1]. The VAE's kernels are made
+smooth (random gains times one blur kernel) so the input's layout shows through, and
+cross-attention is strengthened until a change of prompt moves the noise prediction by 60% of
+its spread. The frames then change visibly with the input image, the prompt and the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Bump when the generated weights or layout change, so stale caches are rebuilt, not reused.
+TINY_FORMAT_VERSION = 1
+TINY_VARIANTS: dict[str, str] = {"tiny": "sd15", "tiny-sd21": "sd21", "tiny-sdxl": "sdxl"}
+TINY_RESOLUTION = 256  # the native size of the tiny models, in pixels (latent 32x32)
+_SEED = 20231220  # StreamDiffusion's arXiv date; any fixed value would do
+# How much a change of prompt moves the noise prediction, relative to its spread.
+_PROMPT_SHARE = 0.6
+_VOCAB_WORDS = (
+    "a the of in on at and with by photo painting portrait drawing city forest ocean neon light "
+    "cat dog bird face person street night day sky red blue green gold dark bright oil "
+    "watercolor style cyberpunk anime abstract"
+).split()
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by CLIP's byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """Write a small CLIP BPE vocabulary: every byte, with and without the word end, plus a few
+    whole-word merges so common prompt words become single tokens."""
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    merges: list[str] = []
+    for word in _VOCAB_WORDS:
+        # Merge left to right: "cat" -> ("c","a") -> ("ca","t</w>").
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            rule = f"{pieces[0]} {pieces[1]}"
+            if rule not in merges:
+                merges.append(rule)
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+            pieces = [merged, *pieces[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab_file = folder / "vocab.json"
+    merges_file = folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def _tokenizer(work: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = _write_tokenizer_files(work)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+
+def _text_config(vocab_size: int, *, hidden_act: str = "quick_gelu", projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _unet(family: str) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    common: dict[str, Any] = {
+        "sample_size": TINY_RESOLUTION // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+    }
+    if family == "sd15":
+        return UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=4)
+    if family == "sd21":
+        return UNet2DConditionModel(
+            **common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True
+        )
+    # SDXL: text_time conditioning; 6 time ids * 8 + pooled text (32) = 80.
+    return UNet2DConditionModel(
+        **common,
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        transformer_layers_per_block=(1, 1),
+    )
+
+
+def _vae(family: str) -> Any:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    if family == "sd21":
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=0.18215,
+        )
+    return AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+
+
+def _scheduler() -> Any:
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        original_inference_steps=50,
+        timestep_spacing="leading",
+        steps_offset=1,
+        set_alpha_to_one=True,
+    )
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1]
+
+
+@torch.no_grad()
+def _affine_calibrate(conv: nn.Conv2d, outputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Rescale `conv` so the per-channel statistics of `outputs` (N, C, H, W) it produced become
+    `mean` and `std` (C,). Exact, because `outputs` is an affine function of the conv's weights."""
+    got_mean = outputs.mean(dim=(0, 2, 3))
+    got_std = outputs.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    gain = std / got_std
+    conv.weight.mul_(gain.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        raise RuntimeError("tiny model calibration needs a biased last conv layer")
+    conv.bias.copy_(conv.bias * gain + mean - got_mean * gain)
+
+
+def _calibration_images(generator: torch.Generator) -> torch.Tensor:
+    """Smooth gradients and shapes in [0, 1], (4, 3, R, R): what a camera or pattern looks like."""
+    r = TINY_RESOLUTION
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, r), torch.linspace(0, 1, r), indexing="ij")
+    images = []
+    for k in range(4):
+        phase = torch.rand(3, generator=generator) * 6.28
+        freq = 1.0 + k
+        rgb = [0.5 + 0.5 * torch.sin(freq * 6.28 * (xx * (c + 1) / 3 + yy * k / 4) + phase[c]) for c in range(3)]
+        images.append(torch.stack(rgb))
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def _calibrate(pipe: Any, family: str) -> None:
+    gen = torch.Generator().manual_seed(_SEED + 1)
+    images = _calibration_images(gen) * 2 - 1  # the VAE takes [-1, 1]
+    vae = pipe.vae
+    _shape_vae(vae)
+    tiny_vae = family != "sd21"
+    scale = float(vae.config.scaling_factor)
+
+    # 1. Encoder: unit-variance latents (after the scaling factor), zero mean.
+    if tiny_vae:
+        latents = vae.encode(images).latents
+        _affine_calibrate(_last_conv(vae.encoder), latents, torch.zeros(4), torch.ones(4))
+    else:
+        # AutoencoderKL's last encoder conv emits (mean, logvar); calibrate the mean half and
+        # make the log-variance small so sampling adds little noise.
+        moments = vae.encoder(images)
+        conv = _last_conv(vae.encoder)
+        target_mean = torch.cat([torch.zeros(4), torch.full((4,), -6.0)])
+        target_std = torch.cat([torch.full((4,), 1.0 / scale), torch.full((4,), 0.1)])
+        _affine_calibrate(conv, moments, target_mean, target_std)
+        if vae.quant_conv is not None:
+            vae.quant_conv.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+            vae.quant_conv.bias.zero_()
+
+    # 2. Decoder: pixels with mean near mid-grey (a slight tint per channel) and a spread that
+    #    keeps more than 99% of them inside [0, 1] for the noisy latents the engine produces.
+    noisy = torch.randn(4, 4, TINY_RESOLUTION // 8, TINY_RESOLUTION // 8, generator=gen) * 1.5
+    if tiny_vae:
+        conv = _last_conv(vae.decoder)
+        # DecoderTiny returns layers(x) * 2 - 1: calibrate the [0, 1] pre-image.
+        raw = (vae.decode(noisy).sample + 1) / 2
+        _affine_calibrate(conv, raw, torch.tensor([0.52, 0.47, 0.50]), torch.full((3,), 0.13))
+    else:
+        conv = _last_conv(vae.decoder)
+        raw = vae.decode(noisy / scale).sample
+        _affine_calibrate(conv, raw, torch.tensor([0.04, -0.06, 0.0]), torch.full((3,), 0.34))
+
+    # 3. UNet: strengthen cross-attention until the prompt moves the prediction by a set share
+    #    of its spread, then give the noise prediction unit variance.
+    unet = pipe.unet
+    sample = torch.randn(4, 4, TINY_RESOLUTION // 8, TINY_RESOLUTION // 8, generator=gen)
+    timesteps = torch.tensor([999, 659, 359, 99])
+    embeds, added = _calibration_conditioning(pipe, family, batch=4)
+    swapped = embeds.roll(1, dims=0)  # the same samples under other prompts
+    attn_out = [m for n, m in unet.named_modules() if n.endswith("attn2.to_out.0") and isinstance(m, nn.Linear)]
+    for _ in range(12):
+        eps = unet(sample, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        other = unet(sample, timesteps, encoder_hidden_states=swapped, added_cond_kwargs=added).sample
+        if float((eps - other).std() / eps.std()) >= _PROMPT_SHARE:
+            break
+        for module in attn_out:
+            module.weight.mul_(1.5)
+    _affine_calibrate(unet.conv_out, eps, torch.zeros(4), torch.ones(4))
+
+
+@torch.no_grad()
+def _shape_vae(vae: nn.Module) -> None:
+    """Turn the VAE's random 3x3 kernels into random gains times one smooth kernel, and damp
+    the residual branches of TAESD blocks. Zero-mean random kernels act as edge detectors and
+    shred the picture; smooth ones keep its layout, so the input shows through the output."""
+    smooth = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+    smooth = smooth / smooth.norm()
+    for name, module in vae.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            gain = module.weight.sum(dim=(2, 3), keepdim=True)  # (out, in, 1, 1), random
+            module.weight.copy_(gain / 3.0 * smooth)
+        if name.endswith(".conv") and isinstance(module, nn.Sequential):
+            last = module[-1]
+            if isinstance(last, nn.Conv2d):
+                last.weight.mul_(0.3)
+
+
+def _calibration_conditioning(pipe: Any, family: str, batch: int) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    prompts = ["a photo of a cat", "neon city at night", "oil painting of a forest", "blue ocean"][:batch]
+    if family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device="cpu", do_classifier_free_guidance=False)
+        r = TINY_RESOLUTION
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]] * batch, dtype=embeds.dtype)
+        return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+    embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    return embeds, None
+
+
+def build_tiny_pipeline(family: str) -> Any:
+    """Build and calibrate a tiny random-weight pipeline of `family` ("sd15", "sd21", "sdxl")."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in {"sd15", "sd21", "sdxl"}:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of 'sd15', 'sd21', 'sdxl'")
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = _tokenizer(Path(work))
+    vocab = len(tokenizer)
+    torch.manual_seed(_SEED)
+    act = "gelu" if family == "sd21" else "quick_gelu"
+    text_encoder = CLIPTextModel(_text_config(vocab, hidden_act=act))
+    unet = _unet(family)
+    vae = _vae(family)
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, hidden_act="gelu"))
+        pipe: Any = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    _calibrate(pipe, family)
+    return pipe
+
+
+def tiny_model_dir(name: str, cache_dir: Path) -> Path:
+    """The cache folder of embedded model `name` (it may not exist yet)."""
+    if name not in TINY_VARIANTS:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {sorted(TINY_VARIANTS)}")
+    return cache_dir / "models" / f"{name}-v{TINY_FORMAT_VERSION}"
+
+
+def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
+    """Generate embedded model `name` into `cache_dir` unless it is there; return its folder.
+
+    The folder appears atomically (built in a sibling temporary folder, then renamed), so a
+    crash halfway or two processes at once never leave a half-written model behind.
+    """
+    target = tiny_model_dir(name, cache_dir)
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("generating embedded model %r into %s (one time, a few seconds)", name, target)
+    pipe = build_tiny_pipeline(TINY_VARIANTS[name])
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first: its copy is identical (same seed), keep it.
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
