@@ -38,7 +38,11 @@ def pattern(k: int, size: int = 64) -> torch.Tensor:
     """A smooth moving test frame k, (1, 3, size, size) float in [0, 1]."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     t = 0.7 * k
-    rgb = [0.5 + 0.5 * torch.sin(6 * xx + t), 0.5 + 0.5 * torch.cos(5 * yy - t), ((xx - 0.5) ** 2 + yy**2 < 0.3).float()]
+    rgb = [
+        0.5 + 0.5 * torch.sin(6 * xx + t),
+        0.5 + 0.5 * torch.cos(5 * yy - t),
+        ((xx - 0.5) ** 2 + yy**2 < 0.3).float(),
+    ]
     return torch.stack(rgb)[None]
 
 

@@ -18,7 +18,9 @@ def pair(pipe: Any, t_index: list[int], cfg: str = "self", **prep: Any) -> tuple
     engines = []
     for _ in range(2):
         engine = StreamEngine(pipe, t_index, width=SIZE, height=SIZE, cfg_type=cfg)
-        engine.prepare(prep.get("prompt", "a photo of a cat"), **{k: v for k, v in prep.items() if k != "prompt"})
+        engine.prepare(
+            prep.get("prompt", "a photo of a cat"), **{k: v for k, v in prep.items() if k != "prompt"}
+        )
         for k in range(3):
             engine(pattern(k, SIZE))
         engines.append(engine)
@@ -42,7 +44,9 @@ def takes_effect(pipe: Any, changed: StreamEngine, control: StreamEngine) -> Non
     same_call = (
         torch.equal(first_a.inputs[0], first_b.inputs[0])
         and torch.equal(first_a.timesteps[0], first_b.timesteps[0])
-        and torch.equal(first_a.kwargs[0]["encoder_hidden_states"], first_b.kwargs[0]["encoder_hidden_states"])
+        and torch.equal(
+            first_a.kwargs[0]["encoder_hidden_states"], first_b.kwargs[0]["encoder_hidden_states"]
+        )
         and torch.equal(first_a.outputs[0], first_b.outputs[0])
         and torch.allclose(changed_out[0], control_out[0], atol=1e-3)
     )
@@ -71,7 +75,9 @@ def test_every_update_takes_effect_on_the_next_frame(tiny_pipe: Any, cfg: str, c
     takes_effect(tiny_pipe, changed, control)
 
 
-def test_initialize_negative_is_used_on_the_next_call_and_shows_when_that_frame_leaves(tiny_pipe: Any) -> None:
+def test_initialize_negative_is_used_on_the_next_call_and_shows_when_that_frame_leaves(
+    tiny_pipe: Any,
+) -> None:
     # In `initialize` the negative enters through the newest frame's first step only, so the
     # output moves once that frame has gone through all n steps (n - 1 frames later).
     changed, control = pair(tiny_pipe, [32, 45], "initialize", guidance_scale=1.6)
@@ -138,7 +144,11 @@ def test_changing_the_step_count_live_resizes_the_buffers(tiny_pipe: Any) -> Non
                     assert out.shape == (1, 3, SIZE, SIZE)
                     assert torch.isfinite(out).all()
         rows = {"none": 1, "self": 1, "full": 2, "initialize": None}[cfg]
-        want = [(len(t) + 1) if rows is None else rows * len(t) for t in ([20, 32, 45], [45], [10, 20, 30, 40], [32, 45]) for _ in range(2)]
+        want = [
+            (len(t) + 1) if rows is None else rows * len(t)
+            for t in ([20, 32, 45], [45], [10, 20, 30, 40], [32, 45])
+            for _ in range(2)
+        ]
         assert spy.batches == want
         assert engine.num_steps == 2
 

@@ -53,7 +53,9 @@ def test_never_more_than_max_skip_in_a_row(max_skip: int) -> None:
         longest = max(longest, run)
     # Identical frames skip with probability 1, so runs are exactly max_skip long.
     assert longest == max_skip
-    assert decisions.count(True) == (40 - 1) // (max_skip + 1) * max_skip + min(max_skip, (40 - 1) % (max_skip + 1))
+    assert decisions.count(True) == (40 - 1) // (max_skip + 1) * max_skip + min(
+        max_skip, (40 - 1) % (max_skip + 1)
+    )
 
 
 def test_threshold_one_never_skips_and_disabled_never_skips() -> None:
@@ -78,7 +80,11 @@ def test_a_skipped_frame_costs_no_unet_or_vae_and_returns_the_last_output(tiny_p
     still = pattern(0, 64)
     first = engine(still)
     first_uint8 = engine(still, output_type="uint8")  # may skip; either way a valid frame
-    with spy_unet(tiny_pipe) as spy, count_calls(tiny_pipe.vae.decoder) as decodes, count_calls(tiny_pipe.vae.encoder) as encodes:
+    with (
+        spy_unet(tiny_pipe) as spy,
+        count_calls(tiny_pipe.vae.decoder) as decodes,
+        count_calls(tiny_pipe.vae.encoder) as encodes,
+    ):
         outs = [engine(still) for _ in range(9)]
     # Identical input: skip, skip, process, skip, skip, process, ...
     assert len(spy.batches) == 3 and len(decodes) == 3 and len(encodes) == 3

@@ -28,7 +28,13 @@ def make(pipe: Any, t_index: list[int], cfg: str = "none", **kw: Any) -> StreamE
 def test_stream_batch_equals_sequential_after_the_delay(tiny_pipe: Any, cfg: str, fbs: int) -> None:
     t_index = [20, 32, 45]
     n = len(t_index)
-    kw = {"cfg": cfg, "guidance_scale": 1.8, "delta": 0.7, "negative_prompt": "blurry", "frame_buffer_size": fbs}
+    kw = {
+        "cfg": cfg,
+        "guidance_scale": 1.8,
+        "delta": 0.7,
+        "negative_prompt": "blurry",
+        "frame_buffer_size": fbs,
+    }
     batch = make(tiny_pipe, t_index, **kw)
     seq = make(tiny_pipe, t_index, use_denoising_batch=False, **kw)
     frames = [torch.cat([pattern(k + j, SIZE) for j in range(fbs)]) for k in range(5)]
@@ -41,9 +47,21 @@ def test_stream_batch_equals_sequential_after_the_delay(tiny_pipe: Any, cfg: str
     assert seq.stats.unet_calls == n * len(frames)
 
 
-@pytest.mark.parametrize("cfg,g,expected", [("none", 3.0, 1), ("full", 3.0, 2), ("self", 3.0, 1), ("initialize", 3.0, None), ("full", 1.0, 1), ("initialize", 1.0, 1)])
+@pytest.mark.parametrize(
+    "cfg,g,expected",
+    [
+        ("none", 3.0, 1),
+        ("full", 3.0, 2),
+        ("self", 3.0, 1),
+        ("initialize", 3.0, None),
+        ("full", 1.0, 1),
+        ("initialize", 1.0, 1),
+    ],
+)
 @pytest.mark.parametrize("fbs", [1, 2])
-def test_unet_batch_size_per_cfg_type(tiny_pipe: Any, cfg: str, g: float, expected: int | None, fbs: int) -> None:
+def test_unet_batch_size_per_cfg_type(
+    tiny_pipe: Any, cfg: str, g: float, expected: int | None, fbs: int
+) -> None:
     n = 3
     engine = make(tiny_pipe, [20, 32, 45], cfg, guidance_scale=g, frame_buffer_size=fbs)
     with spy_unet(tiny_pipe) as spy:
@@ -52,7 +70,9 @@ def test_unet_batch_size_per_cfg_type(tiny_pipe: Any, cfg: str, g: float, expect
     assert spy.batches == [want]
 
 
-def _img2img_reference(cls: Any, pipe: Any, tau: int, seed: int, image: torch.Tensor, prompt: str) -> torch.Tensor:
+def _img2img_reference(
+    cls: Any, pipe: Any, tau: int, seed: int, image: torch.Tensor, prompt: str
+) -> torch.Tensor:
     ref = cls(**pipe.components)
     ref.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -71,7 +91,11 @@ def _img2img_reference(cls: Any, pipe: Any, tau: int, seed: int, image: torch.Te
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_one_step_equals_diffusers_img2img(tiny_pipe: Any, tiny_sdxl_pipe: Any, family: str) -> None:
-    pipe, cls = (tiny_pipe, StableDiffusionImg2ImgPipeline) if family == "sd15" else (tiny_sdxl_pipe, StableDiffusionXLImg2ImgPipeline)
+    pipe, cls = (
+        (tiny_pipe, StableDiffusionImg2ImgPipeline)
+        if family == "sd15"
+        else (tiny_sdxl_pipe, StableDiffusionXLImg2ImgPipeline)
+    )
     engine = make(pipe, [35], "none", seed=5, prompt="neon city at night")
     image = pattern(3, SIZE)
     tau = 999 - 20 * 35
@@ -183,7 +207,7 @@ def test_output_types(tiny_pipe: Any) -> None:
     assert latent.shape == (1, 4, SIZE // 8, SIZE // 8)
     pt = engine(image)
     assert pt.shape == (1, 3, SIZE, SIZE) and pt.dtype == torch.float32
-    assert 0.0 <= float(pt.min()) and float(pt.max()) <= 1.0
+    assert float(pt.min()) >= 0.0 and float(pt.max()) <= 1.0
     rgba = engine(image, output_type="uint8")
     assert isinstance(rgba, np.ndarray) and rgba.shape == (SIZE, SIZE, 4) and rgba.dtype == np.uint8
     assert (rgba[..., 3] == 255).all()
@@ -278,7 +302,10 @@ def test_t_index_errors(tiny_pipe: Any, t_index: list[Any], message: str) -> Non
 
 def test_input_errors(tiny_pipe: Any) -> None:
     engine = make(tiny_pipe, [32, 45])
-    with pytest.raises(ValueError, match=r"image array must be uint8 \(H, W, 3\|4\) or \(f, H, W, 3\|4\), got float64 \(8, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image array must be uint8 \(H, W, 3\|4\) or \(f, H, W, 3\|4\), got float64 \(8, 8\)",
+    ):
         engine(np.zeros((8, 8)))
     with pytest.raises(ValueError, match=r"image batch must hold frame_buffer_size=1 frames, got 2"):
         engine(torch.rand(2, 3, SIZE, SIZE))

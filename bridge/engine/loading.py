@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TINY_VAE_SHORTCUTS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
-LCM_LORA_SHORTCUTS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
+LCM_LORA_SHORTCUTS = {
+    "sd15": "latent-consistency/lcm-lora-sdv1-5",
+    "sdxl": "latent-consistency/lcm-lora-sdxl",
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -46,7 +49,9 @@ _SD_PIPELINES = {
     "StableDiffusionControlNetPipeline",
 }
 _SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
-_SUPPORTED = "StableDiffusionPipeline (SD 1.5, SD 2.1, sd-turbo) or StableDiffusionXLPipeline (SDXL, sdxl-turbo)"
+_SUPPORTED = (
+    "StableDiffusionPipeline (SD 1.5, SD 2.1, sd-turbo) or StableDiffusionXLPipeline (SDXL, sdxl-turbo)"
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ def family_of_pipeline(class_name: str, model: str) -> Family:
         return Family.SDXL
     if class_name in _SD_PIPELINES:
         return Family.SD15
-    raise ModelLoadError(f"model {model!r} is a {class_name}, an architecture the bridge does not run; use a {_SUPPORTED}")
+    raise ModelLoadError(
+        f"model {model!r} is a {class_name}, an architecture the bridge does not run; use a {_SUPPORTED}"
+    )
 
 
 def detect_single_file_family(path: Path) -> Family:
@@ -132,7 +139,9 @@ def _hub_error(model: str, exc: Exception) -> ModelLoadError:
             "or set model to a local diffusers folder or .safetensors file, or use the embedded 'tiny' model"
         )
     if isinstance(exc, EntryNotFoundError):
-        return ModelLoadError(f"model {model!r} on the hub has no model_index.json: it is not a diffusers pipeline")
+        return ModelLoadError(
+            f"model {model!r} on the hub has no model_index.json: it is not a diffusers pipeline"
+        )
     return ModelLoadError(f"could not load model {model!r}: {type(exc).__name__}: {exc}")
 
 
@@ -195,7 +204,9 @@ def _from_hub(model: str, dtype: torch.dtype, options: LoadOptions) -> Any:
     log.info("loading %s (%s) from the Hugging Face hub", model, class_name)
     try:
         try:
-            return cls.from_pretrained(model, torch_dtype=dtype, local_files_only=options.offline, variant=_variant(dtype))
+            return cls.from_pretrained(
+                model, torch_dtype=dtype, local_files_only=options.offline, variant=_variant(dtype)
+            )
         except ValueError as exc:
             if _variant(dtype) is None or "variant" not in str(exc):
                 raise

@@ -107,7 +107,8 @@ class PromptCache:
             return self.negative(items[0][0]) if what == "negative_prompt" else self.encode(items[0][0])
         parts = [(self.encode(text), w) for text, w in items]
         embeds = sum((c.embeds * w for c, w in parts), torch.zeros_like(parts[0][0].embeds))
+        pooled_parts = [(c.pooled, w) for c, w in parts if c.pooled is not None]
         pooled = None
-        if self.is_sdxl:
-            pooled = sum((c.pooled * w for c, w in parts if c.pooled is not None), torch.zeros_like(parts[0][0].pooled))  # type: ignore[arg-type]
+        if pooled_parts:
+            pooled = sum((p * w for p, w in pooled_parts), torch.zeros_like(pooled_parts[0][0]))
         return Conditioning(embeds, pooled)

@@ -12,6 +12,7 @@ the documented ones: the similarity score (one scalar) and the final copy for `o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ def _validate_t_index_list(t_index_list: Sequence[int], num_inference_steps: int
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | np.integer):
             raise ValueError(f"t_index_list entries must be ints, got {v!r} in {values}")
-    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"t_index_list must be strictly ascending, got {values}")
     if num_inference_steps is not None and not all(0 <= v < num_inference_steps for v in values):
         raise ValueError(
@@ -97,7 +98,11 @@ class StreamEngine:
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
         if width % 8 or height % 8 or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
-        if isinstance(frame_buffer_size, bool) or not isinstance(frame_buffer_size, int) or frame_buffer_size < 1:
+        if (
+            isinstance(frame_buffer_size, bool)
+            or not isinstance(frame_buffer_size, int)
+            or frame_buffer_size < 1
+        ):
             raise ValueError(f"frame_buffer_size must be an int >= 1, got {frame_buffer_size!r}")
         prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
         if prediction != "epsilon":
@@ -139,6 +144,13 @@ class StreamEngine:
         """The fixed noise (n*f, 4, H/8, W/8) in effect, one slot per step (read-only)."""
         self._require_prepared()
         return self._init_noise
+
+    @property
+    def prepared_unet_inputs(self) -> _UNetInputs:
+        """The stream batch's prepared UNet arguments (timesteps, embeds, added) in effect;
+        the benchmark times a bare UNet call with them."""
+        self._require_prepared()
+        return self._batch_inputs
 
     @property
     def prompt_cache(self) -> PromptCache:
@@ -354,7 +366,11 @@ class StreamEngine:
     def _check_seed(seed: SeedSpec) -> tuple[tuple[int, float], ...]:
         if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
             pairs: list[tuple[int, float]] = [(int(seed), 1.0)]
-        elif isinstance(seed, Sequence) and seed and all(isinstance(p, tuple | list) and len(p) == 2 for p in seed):
+        elif (
+            isinstance(seed, Sequence)
+            and seed
+            and all(isinstance(p, tuple | list) and len(p) == 2 for p in seed)
+        ):
             pairs = [(int(s), float(w)) for s, w in seed]
         else:
             raise ValueError(f"seed must be an int or a list of (seed, weight) pairs, got {seed!r}")
@@ -420,10 +436,14 @@ class StreamEngine:
             tensor = tensor.permute(0, 3, 1, 2).to(self.dtype) / 255.0
         elif isinstance(image, Tensor):
             if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
-                raise ValueError(f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+                raise ValueError(
+                    f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
+                )
             tensor = image.to(device=self.device, dtype=self.dtype)
         else:
-            raise TypeError(f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}")
+            raise TypeError(
+                f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}"
+            )
         if tensor.shape[0] != f:
             raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {tensor.shape[0]}")
         if tensor.shape[-2:] != (self.height, self.width):
@@ -435,23 +455,23 @@ class StreamEngine:
     def _encode(self, pixels: Tensor) -> Tensor:
         self.stats.vae_encodes += 1
         encoded = self.pipe.vae.encode(pixels)
-        if self._vae_is_kl:
-            latent = encoded.latent_dist.sample(self._generator)
-        else:
-            latent = encoded.latents
+        latent: Tensor = encoded.latent_dist.sample(self._generator) if self._vae_is_kl else encoded.latents
         return latent * self._vae_scale  # (f, 4, H/8, W/8)
 
     def _unet(self, x: Tensor, inputs: _UNetInputs) -> Tensor:
         self.stats.unet_calls += 1
-        return self.pipe.unet(
+        pred: Tensor = self.pipe.unet(
             x,
             inputs.timesteps,
             encoder_hidden_states=inputs.embeds,
             added_cond_kwargs=inputs.added,
             return_dict=False,
         )[0]
+        return pred
 
-    def _step(self, x: Tensor, inputs: _UNetInputs, coefs: StepCoefs, stock: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _step(
+        self, x: Tensor, inputs: _UNetInputs, coefs: StepCoefs, stock: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One UNet call with guidance and the LCM step. Returns (x0, eps, stock), where stock
         has its first f rows replaced by the real negative in `initialize` mode."""
         f, rows = self.frame_buffer_size, x.shape[0]
@@ -496,7 +516,11 @@ class StreamEngine:
                 stock = residual_stock(eps, stock, coefs, self._init_noise[nxt : nxt + f])
             if i < n - 1:
                 kept = coefs.alpha_next * x0
-                x = kept + self._coefs.beta[nxt : nxt + f] * self._init_noise[nxt : nxt + f] if self.do_add_noise else kept
+                x = (
+                    kept + self._coefs.beta[nxt : nxt + f] * self._init_noise[nxt : nxt + f]
+                    if self.do_add_noise
+                    else kept
+                )
         self._seq_stock = stock
         return x0
 
@@ -535,4 +559,3 @@ class StreamEngine:
         """The seed (or blend) in effect."""
         spec = self._seed_spec
         return spec[0][0] if len(spec) == 1 else list(spec)
-

@@ -1,0 +1,111 @@
+"""`sdbridge bench --json` and the demo run end to end (structure only: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.cli import main
+
+
+def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench",
+            "--json",
+            "--size",
+            "64",
+            "--steps",
+            "1",
+            "2",
+            "--cfg",
+            "none",
+            "self",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--cache-dir",
+            str(model_cache),
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "tiny" and report["resolution"] == [64, 64]
+    rows = report["engine"]
+    assert [(r["steps"], r["cfg_type"]) for r in rows] == [(1, "none"), (1, "self"), (2, "none"), (2, "self")]
+    for row in rows:
+        for key in ("engine_ms", "diffusers_ms", "sequential_ms", "floor_ms"):
+            assert row[key] > 0
+        assert row["speedup_vs_diffusers"] == pytest.approx(row["diffusers_ms"] / row["engine_ms"], rel=1e-2)
+        assert row["overhead_ratio"] == pytest.approx(row["engine_ms"] / row["floor_ms"], rel=1e-2)
+        # Identical frames with max_skip=10: exactly 10 of every 11 frames after the first skip.
+        assert row["skip_rate_static"] == pytest.approx(40 / 44, abs=1e-3)
+    assert "timesteps=[the engine's taus]" in report["matching"]
+
+
+def test_bench_refuses_cuda_without_a_gpu(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--device", "cuda", "--cache-dir", str(model_cache)]) == 2
+    assert "torch sees no CUDA device on this machine" in capsys.readouterr().err
+
+
+def test_python_m_bridge_bench_is_the_same_command(model_cache: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge.bench",
+            "--size",
+            "64",
+            "--steps",
+            "1",
+            "--cfg",
+            "none",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--cache-dir",
+            str(model_cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(out.stdout)["engine"][0]["steps"] == 1
+
+
+def test_demo_writes_a_contact_sheet(
+    model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    code = main(
+        [
+            "demo",
+            "--size",
+            "64",
+            "--frames",
+            "6",
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(model_cache),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "frame 2: prompt -> 'neon city at night'" in out and "fps" in out
+    sheet = Image.open(tmp_path / "demo.png")
+    assert sheet.size == (64 * 6, 128)
