@@ -55,7 +55,7 @@ class BenchConfig:
     size: int = 0  # pixels; 0 = the architecture's native size
     steps: Sequence[int] = (1, 2, 4)
     cfg_types: Sequence[str] = ("none", "self")
-    repeats: int = 15
+    repeats: int = 31
     warmup: int = 3
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
 
