@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg", nargs="+", default=["none", "self"], choices=["none", "full", "self", "initialize"]
     )
     bench.add_argument(
-        "--repeats", type=int, default=15, help="timed repeats per contender (median reported)"
+        "--repeats", type=int, default=31, help="timed repeats per contender (median reported)"
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
     bench.add_argument(
