@@ -35,21 +35,15 @@ def _clip(hidden: int, layers: int, heads: int, intermediate: int, act: str, pro
 
 def build_fullsize_pipeline(arch: str, *, device: str, dtype: torch.dtype) -> Any:
     """A random-weight pipeline of `arch` ("sd-turbo" or "sdxl-turbo") built on `device`."""
-    from diffusers import (
-        AutoencoderTiny,
-        LCMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from bridge.engine.tiny import _tokenizer
+    from bridge.engine.tiny import assemble_pipeline, tiny_tokenizer
 
     if arch not in FULLSIZE_ARCHS:
         raise ValueError(f"arch must be one of {', '.join(FULLSIZE_ARCHS)}, got {arch!r}")
     with tempfile.TemporaryDirectory() as work:
-        tokenizer = _tokenizer(Path(work))
+        tokenizer = tiny_tokenizer(Path(work))
     scheduler = LCMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing"
     )
@@ -64,16 +58,7 @@ def build_fullsize_pipeline(arch: str, *, device: str, dtype: torch.dtype) -> An
                 use_linear_projection=True,
             )
             text_encoder = CLIPTextModel(_clip(1024, 23, 16, 4096, "gelu", 1024))
-            pipe: Any = StableDiffusionPipeline(
-                vae=AutoencoderTiny(),
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                unet=unet,
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            text_encoder_2 = None
         else:
             unet = UNet2DConditionModel(
                 sample_size=64,
@@ -88,15 +73,15 @@ def build_fullsize_pipeline(arch: str, *, device: str, dtype: torch.dtype) -> An
                 addition_time_embed_dim=256,
                 projection_class_embeddings_input_dim=2816,
             )
-            pipe = StableDiffusionXLPipeline(
-                vae=AutoencoderTiny(),
-                text_encoder=CLIPTextModel(_clip(768, 12, 12, 3072, "quick_gelu", 768)),
-                text_encoder_2=CLIPTextModelWithProjection(_clip(1280, 32, 20, 5120, "gelu", 1280)),
-                tokenizer=tokenizer,
-                tokenizer_2=tokenizer,
-                unet=unet,
-                scheduler=scheduler,
-                force_zeros_for_empty_prompt=True,
-            )
+            text_encoder = CLIPTextModel(_clip(768, 12, 12, 3072, "quick_gelu", 768))
+            text_encoder_2 = CLIPTextModelWithProjection(_clip(1280, 32, 20, 5120, "gelu", 1280))
+        pipe = assemble_pipeline(
+            unet=unet,
+            vae=AutoencoderTiny(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)

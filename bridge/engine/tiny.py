@@ -131,7 +131,8 @@ def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def _tokenizer(work: Path) -> Any:
+def tiny_tokenizer(work: Path) -> Any:
+    """The tiny CLIP tokenizer, its files written into `work`."""
     from transformers import CLIPTokenizer
 
     vocab_file, merges_file = _write_tokenizer_files(work)
@@ -364,44 +365,61 @@ def _calibration_conditioning(
     return embeds, None
 
 
-def build_tiny_pipeline(family: str) -> Any:
-    """Build and calibrate a tiny random-weight pipeline of `family` ("sd15", "sd21", "sdxl")."""
+def assemble_pipeline(
+    *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, text_encoder_2: Any = None
+) -> Any:
+    """A StableDiffusionPipeline from components, or an SDXL one when `text_encoder_2` is given
+    (both tokenizers are `tokenizer`; an empty SDXL negative prompt is zeros, as in sdxl-turbo)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if family not in {"sd15", "sd21", "sdxl"}:
-        raise ValueError(f"unknown tiny model family {family!r}; expected one of 'sd15', 'sd21', 'sdxl'")
-    with tempfile.TemporaryDirectory() as work:
-        tokenizer = _tokenizer(Path(work))
-    vocab = len(tokenizer)
-    torch.manual_seed(_SEED)
-    act = "gelu" if family == "sd21" else "quick_gelu"
-    text_encoder = CLIPTextModel(_text_config(vocab, hidden_act=act))
-    unet = _unet(family)
-    vae = _vae(family)
-    if family == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, hidden_act="gelu"))
-        pipe: Any = StableDiffusionXLPipeline(
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=unet,
-            scheduler=_scheduler(),
+            scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_pipeline(family: str) -> Any:
+    """Build and calibrate a tiny random-weight pipeline of `family` ("sd15", "sd21", "sdxl")."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in {"sd15", "sd21", "sdxl"}:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of 'sd15', 'sd21', 'sdxl'")
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = tiny_tokenizer(Path(work))
+    vocab = len(tokenizer)
+    torch.manual_seed(_SEED)
+    act = "gelu" if family == "sd21" else "quick_gelu"
+    text_encoder = CLIPTextModel(_text_config(vocab, hidden_act=act))
+    unet = _unet(family)
+    vae = _vae(family)
+    text_encoder_2 = None
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, hidden_act="gelu"))
+    pipe = assemble_pipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_scheduler(),
+        text_encoder_2=text_encoder_2,
+    )
     pipe.set_progress_bar_config(disable=True)
     _calibrate(pipe, family)
     return pipe
