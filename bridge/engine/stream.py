@@ -126,6 +126,7 @@ class StreamEngine:
         self.similarity = SimilarityFilter(seed=similarity_seed)
         self.stats = EngineStats()
         self._prepared = False
+        self._last_x0: Tensor | None = None  # the x0 latent of the last processed frame
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -202,14 +203,14 @@ class StreamEngine:
         self._set_coefs()
         buffer_rows = (n - 1) * f if self.use_denoising_batch else 0
         self._buffer = torch.zeros((buffer_rows, *self._latent_shape), device=self.device, dtype=self.dtype)
-        last = getattr(self, "_last_x0", None) if keep_last else None
+        last = self._last_x0 if keep_last else None
         if last is not None and buffer_rows:
             # A live change of the step count: fill the new in-flight slots from the last output,
             # noised to each slot's timestep, instead of n-1 brown frames from zero latents.
             alpha, beta = self._coefs.alpha[f:], self._coefs.beta[f:]
             self._buffer = alpha * last.repeat(n - 1, 1, 1, 1) + beta * self._init_noise[f:]
         if not keep_last:
-            self._last_x0: Tensor | None = None
+            self._last_x0 = None
         self._refresh_unet_inputs()
 
     def _make_noise(self) -> None:
