@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/sdbridge demo
+	$(VENV)/bin/sdbridge run -c configs/default.yaml
 
 test: $(STAMP) lint typecheck pytest
 

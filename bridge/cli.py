@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +78,78 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from bridge.config import load_config
+    from bridge.runtime import Bridge
+
+    config = load_config(args.config, args.set)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    outputs = ", ".join(
+        f"preview http://{o.host}:{o.port}/" if o.kind == "preview" else f"{o.kind} {o.name}".strip()
+        for o in config.outputs
+    )
+    osc = f"OSC {config.osc.host}:{config.osc.port}" if config.osc.enabled else "OSC off"
+    print(
+        f"sdbridge: model {config.engine.model!r} at {config.engine.width}x{config.engine.height}, "
+        f"input {config.input.kind}, outputs: {outputs}, {osc}. Ctrl+C stops.",
+        flush=True,
+    )
+    bridge = Bridge(config)
+    bridge.run(stop)
+    print(f"sdbridge: stopped after {bridge.status().frames} frames", flush=True)
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    import socket
+
+    from bridge.control.osc import encode
+    from bridge.control.wire import decode_reply, typed_args
+
+    datagram = encode(args.address, typed_args(args.address, args.args))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(datagram, (args.host, args.port))
+        sock.settimeout(args.wait)
+        failed = False
+        while args.wait > 0:
+            try:
+                data, _ = sock.recvfrom(65536)
+            except (TimeoutError, OSError):
+                break
+            address, values = decode_reply(data)
+            print(address, *values)
+            failed |= address == "/sd/error"
+    return 1 if failed else 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from bridge.params import table
+
+    rows = table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        rng = f"[{row['min']:g}, {row['max']:g}]" if row["min"] is not None else ""
+        if row["choices"]:
+            rng = "|".join(row["choices"])
+        where = row["address"] if row["live"] else "config: engine." + row["name"]
+        extra = ("  also " + " ".join(row["aliases"])) if row["aliases"] else ""
+        norm = "  + /norm" if row["norm_address"] else ""
+        print(f"{where:<22} {row['type']:<9} {rng:<16} default {row['default']!r}{norm}{extra}")
+        print(f"{'':<22} {row['doc']}")
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -120,6 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
 
+    run = sub.add_parser("run", help="run the live bridge")
+    run.add_argument("-c", "--config", type=Path, help="YAML config (default: the built-in defaults)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set params.prompt='neon city' --set output.kind=null",
+    )
+    run.set_defaults(func=_run)
+
+    send = sub.add_parser("send", help="send one OSC message to a running bridge and print its replies")
+    send.add_argument("address", help="e.g. /sd/prompt, /sd/guidance/norm, /sd/get")
+    send.add_argument("args", nargs="*", help="values; typed from the parameter table")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=7000)
+    send.add_argument("--wait", type=float, default=0.3, help="seconds to wait for replies (0: none)")
+    send.set_defaults(func=_send)
+
+    params = sub.add_parser("params", help="print the parameter table")
+    params.add_argument("--json", action="store_true", help="as JSON (the source of the TouchDesigner spec)")
+    params.set_defaults(func=_params)
+
     demo = sub.add_parser("demo", help="run the engine on the synthetic pattern and save a contact sheet")
     demo.add_argument(
         "--model", default="tiny", help="embedded name, local folder, .safetensors file or hub id"
@@ -144,15 +240,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("bridge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from bridge.transports.base import MissingExtra
+
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, RuntimeError) as exc:
-        # ModelLoadError is a RuntimeError: its message already says what to do.
+    except (MissingExtra, OSError, ValueError, RuntimeError) as exc:
+        # ConfigError, ParamError (ValueError) and ModelLoadError (RuntimeError) carry messages
+        # that say what to do; a traceback would only hide them. -v shows it anyway.
+        if args.verbose:
+            logging.getLogger(__name__).exception("%s failed", args.command)
         print(f"sdbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
+
+def entry() -> None:
+    """The `sdbridge` console script: `main`, then a prompt exit.
+
+    When `main` returns, everything the bridge owned is released (shared memory unlinked, ports
+    and cameras closed). The interpreter's own teardown of torch and diffusers takes over a second
+    on top, which would break the contract that SIGTERM stops the bridge within 2 s, so the
+    process leaves with os._exit once the output is flushed."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

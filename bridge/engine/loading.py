@@ -74,6 +74,23 @@ def resolve_dtype(options: LoadOptions) -> torch.dtype:
     return torch.float16 if options.device.startswith("cuda") else torch.float32
 
 
+def resolve_device(name: str) -> str:
+    """`auto` is CUDA when torch sees a GPU, else the CPU; anything else is checked and returned."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was asked for, but torch sees no CUDA device; use cpu or auto")
+    return name
+
+
+def resolve_dtype_name(name: str) -> torch.dtype | None:
+    """A config dtype name as a torch dtype; `auto` is None (float16 on CUDA, float32 elsewhere)."""
+    names = {"auto": None, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in names:
+        raise ModelLoadError(f"dtype must be one of {', '.join(names)}, got {name!r}")
+    return names[name]
+
+
 def family_of_pipeline(class_name: str, model: str) -> Family:
     """The family of a diffusers pipeline class name, or a clear error for anything else."""
     if class_name in _SDXL_PIPELINES:

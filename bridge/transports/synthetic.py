@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+from bridge.frames import Frame
 
 
 def test_pattern(seq: int, width: int, height: int) -> np.ndarray:
@@ -27,3 +31,47 @@ def test_pattern(seq: int, width: int, height: int) -> np.ndarray:
     out[..., :3] = (rgb * 255.0 + 0.5).astype(np.uint8)
     out[..., 3] = 255
     return out
+
+
+class Pacer:
+    """Wall-clock pacing at `fps` (0 = unpaced): `wait(timeout_s)` sleeps until the next tick,
+    or returns False when that tick is further away than the timeout. Ticks that were missed
+    are skipped, not bunched up."""
+
+    def __init__(self, fps: float) -> None:
+        self.period_s = 1.0 / fps if fps > 0 else 0.0
+        self._next = time.perf_counter()
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.period_s == 0.0:
+            return True
+        now = time.perf_counter()
+        delay = self._next - now
+        if delay > timeout_s:
+            time.sleep(max(timeout_s, 0.0))
+            return False
+        if delay > 0:
+            time.sleep(delay)
+        self._next = max(self._next + self.period_s, now)
+        return True
+
+
+class SyntheticSource:
+    """The moving test pattern at `fps`, `width`x`height`."""
+
+    def __init__(self, *, width: int, height: int, fps: float = 30.0) -> None:
+        if width < 1 or height < 1:
+            raise ValueError(f"synthetic source size must be positive, got {width}x{height}")
+        self.width, self.height = width, height
+        self._pacer = Pacer(fps)
+        self._seq = 0
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self._pacer.wait(timeout_s):
+            return None
+        frame = Frame(test_pattern(self._seq, self.width, self.height), self._seq)
+        self._seq += 1
+        return frame
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,337 @@
+"""Configuration: strict YAML into frozen dataclasses. The only reader of YAML and overrides.
+
+An unknown key is an error naming the key and the nearest valid one; a value of the wrong type
+names the key, the value and the expected type. Live parameter values are checked with the same
+coercion OSC uses (`bridge.params.coerce`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bridge.params import BY_NAME, LIVE, Kind, ParamError, coerce
+from bridge.transports.registry import SINK_KINDS, SOURCE_KINDS
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What needs a reload to change (the config-only rows of the parameter table)."""
+
+    model: str = "tiny"  # embedded name, local diffusers folder, .safetensors file or hub id
+    width: int = 256
+    height: int = 256
+    cfg_type: str = "self"  # none | full | self | initialize
+    acceleration: str = "none"  # none | compile (torch.compile)
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
+    frame_buffer_size: int = 1
+    use_denoising_batch: bool = True
+    tiny_vae: str = ""  # "taesd", "taesdxl", a hub id or a folder: swap in a tiny VAE; "" = none
+    lcm_lora: str = ""  # hub id or local path of an LCM-LoRA to fuse; "" for none
+    cache_dir: str = "~/.cache/sdbridge"
+    offline: bool = False  # never touch the network (hub ids must already be cached)
+    similarity_seed: int | None = None  # fixes the similarity filter's dice (tests)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """The input. Fields a kind does not use are ignored by it."""
+
+    kind: str = "synthetic"  # see bridge.transports.registry.SOURCE_KINDS
+    fps: float = 30.0  # synthetic and image: frames per second; video: 0 = the file's own rate
+    width: int = 0  # synthetic size; 0 = the engine's size
+    height: int = 0
+    path: str = ""  # image / video file
+    loop: bool = True  # video: start again at the end
+    device: int = 0  # camera index (OBS Virtual Camera is one too)
+    name: str = ""  # shm / spout / syphon / ndi name
+    address: str = ""  # ndi: host:port when discovery does not work
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """One output. Fields a kind does not use are ignored by it."""
+
+    kind: str = "shm"  # see bridge.transports.registry.SINK_KINDS
+    name: str = ""  # shm segment / sender name; "" = the kind's default
+    format: str = "rgba"  # rgba | bgra | rgb | bgr (shm)
+    slots: int = 3  # shm ring slots
+    host: str = "127.0.0.1"  # preview bind address
+    port: int = 7860  # preview HTTP port
+    fps: float = 0.0  # preview / virtualcam frame rate cap; 0 = every frame (preview: 30)
+    jpeg_quality: int = 80  # preview
+    device: str = ""  # virtual camera device
+
+
+@dataclass(frozen=True)
+class OscConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines (consider `allowlist`)
+    port: int = 7000
+    status_targets: tuple[str, ...] = ("127.0.0.1:7001",)
+    allowlist: tuple[str, ...] = ()  # sender IPs; empty = anyone who can reach the port
+    status_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    fps: float = 30.0  # output pacing; 0 = as fast as frames come
+    hold_after_s: float = 0.5  # source silence before the bridge repeats its last output
+    warmup_frames: int = 2  # engine calls before the state turns "running"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    input: SourceConfig = field(default_factory=SourceConfig)
+    output: SinkConfig = field(default_factory=lambda: SinkConfig(kind="shm", name="sdbridge_out"))
+    extra_outputs: tuple[SinkConfig, ...] = (SinkConfig(kind="preview"),)
+    osc: OscConfig = field(default_factory=OscConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def outputs(self) -> tuple[SinkConfig, ...]:
+        return (self.output, *self.extra_outputs)
+
+
+# ---------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> BridgeConfig:
+    """Read `path` (None = the built-in defaults), apply `--set key.path=value` overrides, and
+    validate everything. Raises `ConfigError`."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {where}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{where}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        config: BridgeConfig = _build(BridgeConfig, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check(config, where)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = _list_slot(node, part, key, nxt)
+            continue
+        if not isinstance(node.get(part), dict | list):
+            # a list of sections when indexed by number (extra_outputs.0.kind), else a mapping
+            default = _default_for(parts[: i + 1])
+            node[part] = default if default is not None else ([] if nxt.isdigit() else {})
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_slot(node, last, key, None)
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _list_slot(node: list[Any], part: str, key: str, nxt: str | None) -> Any:
+    if not part.isdigit():
+        raise ConfigError(f"--set {key}: {part!r} indexes a list, so it must be a number")
+    index = int(part)
+    if index > len(node):
+        raise ConfigError(f"--set {key}: index {index} skips entries (the list has {len(node)})")
+    if index == len(node):
+        node.append({})
+    if nxt is not None and not isinstance(node[index], dict):
+        node[index] = {}
+    return node[index]
+
+
+def _default_for(parts: list[str]) -> Any:
+    """The built-in default of a list-valued key as raw data, so `--set extra_outputs.0.port=1`
+    edits the default preview entry instead of replacing the whole list."""
+    if parts == ["extra_outputs"]:
+        return [dataclasses.asdict(s) for s in BridgeConfig().extra_outputs]
+    return None
+
+
+def _build(cls: type[Any], raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(f'{path}.' if path else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r}{hint} (valid: {', '.join(names)})")
+        if key == "params":
+            kwargs[key] = types.MappingProxyType(_params(value))
+        elif key == "kind" and value is None:
+            kwargs[key] = "null"  # YAML reads a bare `kind: null` as None; the null transport is meant
+        else:
+            kwargs[key] = _convert(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        return _convert(next(o for o in options if o is not type(None)), value, path)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, v, f"{path}.{i}") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # a bug in this module, not the user's
+
+
+def _flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in LIVE:
+            out.update(_flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _params(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping of live parameters, got {raw!r}")
+    values: dict[str, Any] = {}
+    for name, value in _flatten(raw).items():
+        key = "params." + name.replace("/", ".")
+        if name not in LIVE:
+            if name in BY_NAME:
+                raise ConfigError(f"{key} is not live; it belongs in the engine section (engine.{name})")
+            valid = [n.replace("/", ".") for n in LIVE]
+            close = difflib.get_close_matches(name.replace("/", "."), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean 'params.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key {key!r}{hint} (valid: {', '.join(valid)})")
+        param = LIVE[name]
+        if param.kind is Kind.BLEND and isinstance(value, list):
+            args = [x for pair in value for x in (pair if isinstance(pair, list | tuple) else [pair])]
+        elif param.kind is Kind.INT_LIST and isinstance(value, list | tuple):
+            args = list(value)
+        else:
+            args = [value]
+        try:
+            coerced = coerce(param, args)
+        except ParamError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if coerced.warning:
+            raise ConfigError(f"{key}: {coerced.warning.split(';')[0]}")
+        values[name] = coerced.value
+    return values
+
+
+def _check(config: BridgeConfig, where: str) -> None:
+    """Checks that span fields; each names the key and the expected value."""
+    e = config.engine
+
+    def fail(message: str) -> None:
+        raise ConfigError(f"{where}: {message}")
+
+    for key in ("width", "height"):
+        value = getattr(e, key)
+        lo, hi = BY_NAME[key].minimum, BY_NAME[key].maximum
+        assert lo is not None and hi is not None
+        if value % 8 or not lo <= value <= hi:
+            fail(f"engine.{key} must be a multiple of 8 within [{lo:g}, {hi:g}], got {value}")
+    for key in ("cfg_type", "acceleration"):
+        choices = BY_NAME[key].choices
+        if getattr(e, key) not in choices:
+            fail(f"engine.{key} must be one of {', '.join(choices)}, got {getattr(e, key)!r}")
+    if e.dtype not in ("auto", "float16", "float32", "bfloat16"):
+        fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {e.dtype!r}")
+    if e.frame_buffer_size < 1:
+        fail(f"engine.frame_buffer_size must be >= 1, got {e.frame_buffer_size}")
+    _check_kind("input.kind", config.input.kind, SOURCE_KINDS, fail)
+    for i, sink in enumerate(config.outputs):
+        key = "output" if i == 0 else f"extra_outputs.{i - 1}"
+        _check_kind(f"{key}.kind", sink.kind, SINK_KINDS, fail)
+        if sink.format not in ("rgba", "bgra", "rgb", "bgr"):
+            fail(f"{key}.format must be rgba, bgra, rgb or bgr, got {sink.format!r}")
+        if not 0 <= sink.port < 65536:
+            fail(f"{key}.port must be within [0, 65535], got {sink.port}")
+    if config.input.fps < 0 or config.runtime.fps < 0:
+        fail("input.fps and runtime.fps must be >= 0 (0 = unpaced)")
+    if not 0 < config.osc.port < 65536:
+        fail(f"osc.port must be within [1, 65535], got {config.osc.port}")
+    for target in config.osc.status_targets:
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            fail(f"osc.status_targets entries must be host:port, got {target!r}")
+    if "t_index_list" in config.params and "strength" in config.params:
+        fail("params.strength and params.t_index_list both set the steps; give one of them")
+
+
+def _check_kind(key: str, kind: str, valid: Sequence[str], fail: Any) -> None:
+    if kind not in valid:
+        close = difflib.get_close_matches(kind, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        fail(f"{key} {kind!r} is not a known kind{hint} (valid: {', '.join(valid)})")

@@ -1,0 +1,1 @@
+"""Control surfaces: the OSC server and status feedback (later OSCQuery and MIDI). No torch here."""

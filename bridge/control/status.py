@@ -1,0 +1,45 @@
+"""What the bridge reports about itself, and the rate-limited logger the control threads share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+STATES = ("loading", "warming", "running", "error")
+MODES = ("live", "frozen", "bypass", "holding")
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot the runtime publishes: `/sd/status/<field>` for each field."""
+
+    state: str = "loading"  # one of STATES
+    mode: str = "live"  # one of MODES: holding = the source stopped, the last output repeats
+    fps: float = 0.0  # output frames per second, over the last second or so
+    latency_ms: float = 0.0  # capture to output, median of recent frames
+    engine_ms: float = 0.0  # engine call, median of recent frames
+    skip_rate: float = 0.0  # similarity-filter skips / frames, recent window
+    dropped: int = 0  # frames replaced in a mailbox before anyone took them, all stages
+    frames: int = 0  # output frames so far
+    error: str = ""  # the last error, "" when none
+
+
+class RateLimitedLog:
+    """Log at most one message per `key` every `interval_s`, counting the ones it held back."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 5.0) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self._interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        suffix = f" ({held} more like it since the last report)" if held else ""
+        self._last[key] = now
+        self._logger.warning("%s%s", message, suffix)

@@ -1,0 +1,441 @@
+"""THE parameter table. OSC addresses, `sdbridge params`, the preview form, the TouchDesigner
+component, the OBS script, MIDI maps and OSCQuery are all derived from `PARAMS`.
+
+Also here: coercion of inbound values (OSC, forms, MIDI) and the thread-safe `ParamStore`
+that the OSC thread writes and the runtime reads between frames (latest value wins).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NUM_INFERENCE_STEPS = 50  # the LCM schedule the t_index values index into
+MAX_STEPS = 10  # longest t_index_list (one UNet row per step; StreamEngine's limit)
+SEED_MAX = 2**31 - 1  # OSC ints are int32
+
+
+class Kind(enum.Enum):
+    """The value type of a parameter, as it appears in YAML, OSC and UIs."""
+
+    STRING = "string"
+    FLOAT = "float"
+    INT = "int"
+    BOOL = "bool"
+    INT_LIST = "int_list"  # OSC: one int per argument
+    BLEND = "blend"  # weighted prompt list; OSC: text, weight, text, weight, ...
+    CHOICE = "choice"  # one of `choices`
+
+
+@dataclass(frozen=True)
+class Param:
+    """One control. `live` ones change between frames; the others are config-only (they need
+    a reload) and OSC refuses them with `reload_reason`."""
+
+    name: str
+    kind: Kind
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    live: bool = True
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    reload_reason: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"/sd/{self.name}"
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in (Kind.FLOAT, Kind.INT)
+
+    @property
+    def td_name(self) -> str:
+        """TouchDesigner's custom-parameter form: capitalised, letters and digits only."""
+        flat = "".join(ch for ch in self.name if ch.isalnum())
+        return flat[:1].upper() + flat[1:].lower()
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("prompt", Kind.STRING, "a photo of a cat, studio lighting", "what to draw", aliases=("/prompt",)),
+    Param(
+        "negative_prompt",
+        Kind.STRING,
+        "",
+        "what to avoid (used when cfg_type is full or initialize, or self with guidance > 1)",
+        aliases=("/negative_prompt",),
+    ),
+    Param(
+        "prompt_blend",
+        Kind.BLEND,
+        (),
+        "weighted prompts blended in embedding space: text, weight, text, weight, ...",
+    ),
+    Param("seed", Kind.INT, 2, "noise seed", 0, SEED_MAX, aliases=("/seed",)),
+    Param(
+        "guidance",
+        Kind.FLOAT,
+        1.2,
+        "classifier-free guidance scale; <= 1 switches guidance off",
+        0.0,
+        10.0,
+        aliases=("/guidance_scale",),
+    ),
+    Param(
+        "delta", Kind.FLOAT, 1.0, "residual CFG: scale of the virtual negative", 0.0, 5.0, aliases=("/delta",)
+    ),
+    Param(
+        "strength",
+        Kind.FLOAT,
+        0.35,
+        "how far the output departs from the input (sets t_index_list for the current step count)",
+        0.0,
+        1.0,
+    ),
+    Param(
+        "t_index_list",
+        Kind.INT_LIST,
+        (32, 45),
+        "denoising steps as indices into the 50-step schedule; ascending, 1 to 10 of them",
+        0,
+        NUM_INFERENCE_STEPS - 1,
+        aliases=("/t_list",),
+    ),
+    Param("ssf/enabled", Kind.BOOL, False, "stochastic similarity filter: skip near-identical input frames"),
+    Param("ssf/threshold", Kind.FLOAT, 0.98, "similarity above which frames may be skipped", 0.0, 1.0),
+    Param("ssf/max_skip", Kind.INT, 10, "most frames skipped in a row", 0, 100),
+    Param("freeze", Kind.BOOL, False, "hold the current output"),
+    Param("bypass", Kind.BOOL, False, "pass the input through untouched"),
+    # config-only: changing these means loading or rebuilding the model
+    Param(
+        "model",
+        Kind.STRING,
+        "tiny",
+        "embedded name, local folder, .safetensors file or hub id",
+        live=False,
+        reload_reason="loading a model takes seconds to minutes and is never done over OSC",
+    ),
+    Param(
+        "width",
+        Kind.INT,
+        256,
+        "frame width (multiple of 8)",
+        64,
+        2048,
+        live=False,
+        reload_reason="buffers and compiled graphs are sized to it",
+    ),
+    Param(
+        "height",
+        Kind.INT,
+        256,
+        "frame height (multiple of 8)",
+        64,
+        2048,
+        live=False,
+        reload_reason="buffers and compiled graphs are sized to it",
+    ),
+    Param(
+        "cfg_type",
+        Kind.CHOICE,
+        "self",
+        "guidance mode: none, full, self (residual CFG) or initialize",
+        live=False,
+        choices=("none", "full", "self", "initialize"),
+        reload_reason="it changes the UNet batch layout",
+    ),
+    Param(
+        "acceleration",
+        Kind.CHOICE,
+        "none",
+        "model acceleration",
+        live=False,
+        choices=("none", "compile"),
+        reload_reason="it rebuilds the model graph",
+    ),
+)
+
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+LIVE: dict[str, Param] = {p.name: p for p in PARAMS if p.live}
+
+
+class ParamError(ValueError):
+    """An inbound value that cannot be used; the message is the reason sent back on /sd/error."""
+
+
+@dataclass(frozen=True)
+class Coerced:
+    value: Any
+    warning: str = ""  # set when the value was clamped or rounded
+
+
+def _number(param: Param, arg: Any) -> float:
+    if isinstance(arg, bool):
+        return float(arg)
+    if isinstance(arg, int | float):
+        x = float(arg)
+    elif isinstance(arg, str):
+        try:
+            x = float(arg.strip())
+        except ValueError:
+            raise ParamError(f"{param.name} expects a number, got the string {arg!r}") from None
+    else:
+        raise ParamError(f"{param.name} expects a number, got {type(arg).__name__} {arg!r}")
+    if not math.isfinite(x):
+        raise ParamError(f"{param.name} expects a finite number, got {arg!r}")
+    return x
+
+
+def _clamp(param: Param, x: float) -> tuple[float, str]:
+    lo = param.minimum if param.minimum is not None else -math.inf
+    hi = param.maximum if param.maximum is not None else math.inf
+    if lo <= x <= hi:
+        return x, ""
+    clamped = min(max(x, lo), hi)
+    return clamped, f"{param.name}={x:g} is outside [{lo:g}, {hi:g}]; clamped to {clamped:g}"
+
+
+def _integer(param: Param, arg: Any) -> tuple[int, str]:
+    x = _number(param, arg)
+    warning = ""
+    if x != round(x) and abs(x - round(x)) > 1e-3:  # TouchDesigner sends ints as (float32) floats
+        warning = f"{param.name} expects an int, got {x:g}; rounded to {round(x)}"
+    x, clamp_warning = _clamp(param, float(round(x)))
+    return int(x), clamp_warning or warning
+
+
+_TRUE = {"1", "true", "on", "yes", "t"}
+_FALSE = {"0", "false", "off", "no", "f"}
+
+
+def _boolean(param: Param, arg: Any) -> bool:
+    if isinstance(arg, bool):
+        return arg
+    if isinstance(arg, int | float):
+        return _number(param, arg) >= 0.5  # a fader or a TD toggle sending 0.0/1.0
+    if isinstance(arg, str) and arg.strip().lower() in _TRUE | _FALSE:
+        return arg.strip().lower() in _TRUE
+    raise ParamError(f"{param.name} expects true/false (or 1/0), got {arg!r}")
+
+
+def coerce(param: Param, args: Sequence[Any]) -> Coerced:
+    """Turn inbound arguments (OSC args, a form field, a YAML value wrapped in a list) into the
+    parameter's value. Clamps with a warning; raises `ParamError` with the reason otherwise."""
+    if not param.live:
+        raise ParamError(
+            f"{param.name} is config-only ({param.reload_reason}); set it in the config and restart"
+        )
+    kind = param.kind
+    if kind is Kind.BLEND:
+        return _blend(param, args)
+    if kind is Kind.INT_LIST:
+        return _int_list(param, args)
+    if len(args) != 1:
+        raise ParamError(f"{param.name} expects one value, got {len(args)}: {list(args)!r}")
+    arg = args[0]
+    if kind is Kind.STRING:
+        if not isinstance(arg, str):
+            raise ParamError(f"{param.name} expects a string, got {type(arg).__name__} {arg!r}")
+        return Coerced(arg)
+    if kind is Kind.CHOICE:
+        if arg not in param.choices:
+            raise ParamError(f"{param.name} must be one of {', '.join(param.choices)}, got {arg!r}")
+        return Coerced(arg)
+    if kind is Kind.BOOL:
+        return Coerced(_boolean(param, arg))
+    if kind is Kind.INT:
+        value, warning = _integer(param, arg)
+        return Coerced(value, warning)
+    value_f, warning = _clamp(param, _number(param, arg))
+    return Coerced(value_f, warning)
+
+
+def coerce_norm(param: Param, args: Sequence[Any]) -> Coerced:
+    """The `/norm` variant: one number in 0..1 mapped linearly onto the parameter's range."""
+    if not (param.live and param.numeric):
+        raise ParamError(f"{param.name} has no /norm variant (only numeric live parameters do)")
+    if len(args) != 1:
+        raise ParamError(f"{param.address}/norm expects one value in 0..1, got {len(args)}")
+    u = _number(param, args[0])
+    warning = ""
+    if not 0.0 <= u <= 1.0:
+        warning = f"{param.address}/norm={u:g} is outside [0, 1]; clamped"
+        u = min(max(u, 0.0), 1.0)
+    assert param.minimum is not None and param.maximum is not None  # numeric params all have a range
+    coerced = coerce(param, [param.minimum + u * (param.maximum - param.minimum)])
+    return Coerced(coerced.value, warning or coerced.warning)
+
+
+def _int_list(param: Param, args: Sequence[Any]) -> Coerced:
+    if not 1 <= len(args) <= MAX_STEPS:
+        raise ParamError(f"{param.name} expects 1 to {MAX_STEPS} ints, got {len(args)}")
+    values: list[int] = []
+    warnings: list[str] = []
+    for arg in args:
+        value, warning = _integer(param, arg)
+        values.append(value)
+        if warning:
+            warnings.append(warning)
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ParamError(f"{param.name} must be strictly ascending, got {values}")
+    return Coerced(tuple(values), "; ".join(warnings))
+
+
+def _blend(param: Param, args: Sequence[Any]) -> Coerced:
+    if not args or len(args) % 2:
+        raise ParamError(f"{param.name} expects pairs of text and weight, got {len(args)} argument(s)")
+    pairs: list[tuple[str, float]] = []
+    for text, weight in zip(args[::2], args[1::2], strict=True):
+        if not isinstance(text, str):
+            raise ParamError(f"{param.name}: each pair starts with a text, got {text!r}")
+        w = _number(param, weight)
+        if w < 0:
+            raise ParamError(f"{param.name}: weights must be >= 0, got {w:g} for {text!r}")
+        pairs.append((text, w))
+    if sum(w for _, w in pairs) <= 0:
+        raise ParamError(f"{param.name}: the weights sum to 0; at least one must be positive")
+    return Coerced(tuple(pairs))
+
+
+def strength_to_t_index(strength: float, steps: int) -> tuple[int, ...]:
+    """Map the 0..1 strength knob onto `steps` ascending t_index values.
+
+    The first index sets how much noise the input gets (low index = more change), so
+    t0 = round((1 - strength) * 49), capped so that `steps` distinct indices fit; the rest
+    spread evenly from t0 towards the end of the schedule: strength 0.35 at 2 steps gives
+    (32, 41); strength 1 at 4 steps gives (0, 12, 25, 37).
+    """
+    if not 1 <= steps <= MAX_STEPS:
+        raise ParamError(f"steps must be within [1, {MAX_STEPS}], got {steps}")
+    s = min(max(float(strength), 0.0), 1.0)
+    t0 = min(round((1.0 - s) * (NUM_INFERENCE_STEPS - 1)), NUM_INFERENCE_STEPS - steps)
+    span = NUM_INFERENCE_STEPS - t0
+    return tuple(t0 + (k * span) // steps for k in range(steps))
+
+
+def t_index_to_strength(t_index_list: Sequence[int]) -> float:
+    """The strength that `strength_to_t_index` would map onto `t_index_list[0]`."""
+    return round(1.0 - t_index_list[0] / (NUM_INFERENCE_STEPS - 1), 4)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A submitted value waiting for the next frame boundary."""
+
+    value: Any
+    version: int  # the store's submit counter when it arrived
+    t_received: float  # time.perf_counter()
+
+
+class ParamStore:
+    """Live parameter values shared by the control threads and the runtime.
+
+    Any thread may `submit` (latest value wins per name). The runtime alone calls
+    `take_pending` between frames, applies what it can, and `commit`s the values it applied.
+    """
+
+    def __init__(self, initial: Mapping[str, Any]) -> None:
+        unknown = set(initial) - set(LIVE)
+        if unknown:
+            raise KeyError(f"not live parameters: {sorted(unknown)}")
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = {name: p.default for name, p in LIVE.items()}
+        self._values.update(initial)
+        self._pending: dict[str, Pending] = {}
+        self._changed: set[str] = set()
+        self._version = 0
+
+    def submit(self, name: str, value: Any) -> int:
+        """Queue `value` for `name`; returns the submit version it got."""
+        if name not in LIVE:
+            raise KeyError(name)
+        with self._lock:
+            self._version += 1
+            self._pending[name] = Pending(value, self._version, time.perf_counter())
+            return self._version
+
+    def take_pending(self) -> dict[str, Pending]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            return pending
+
+    def commit(self, name: str, value: Any) -> None:
+        with self._lock:
+            if self._values.get(name) != value:
+                self._changed.add(name)
+            self._values[name] = value
+
+    def get(self, name: str) -> Any:
+        with self._lock:
+            return self._values[name]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._values)
+
+    def take_changed(self) -> dict[str, Any]:
+        """Values committed with a new value since the last call (for status feedback)."""
+        with self._lock:
+            changed = {name: self._values[name] for name in sorted(self._changed)}
+            self._changed.clear()
+            return changed
+
+
+def osc_args(param: Param, value: Any) -> list[Any]:
+    """A parameter value as OSC arguments (the form `/sd/get` and status feedback send)."""
+    if param.kind is Kind.INT_LIST:
+        return [int(v) for v in value]
+    if param.kind is Kind.BLEND:
+        return [x for text, weight in value for x in (text, float(weight))]
+    if param.kind is Kind.BOOL:
+        return [bool(value)]
+    return [value]
+
+
+def table(params: Iterable[Param] = PARAMS) -> list[dict[str, Any]]:
+    """The table as plain data: what `sdbridge params --json` prints and tools are built from."""
+    rows = []
+    for p in params:
+        default = list(p.default) if isinstance(p.default, tuple) else p.default
+        rows.append(
+            {
+                "name": p.name,
+                "type": p.kind.value,
+                "default": default,
+                "min": p.minimum,
+                "max": p.maximum,
+                "live": p.live,
+                "doc": p.doc,
+                "address": p.address,
+                "norm_address": f"{p.address}/norm" if p.live and p.numeric else None,
+                "aliases": list(p.aliases),
+                "choices": list(p.choices),
+                "td_name": p.td_name,
+                "reload_reason": p.reload_reason,
+            }
+        )
+    return rows
+
+
+def text_args(param: Param, text: str) -> list[Any]:
+    """Arguments from one line of text (a form field, `sdbridge send`): lists split on commas or
+    spaces; blends are `text:weight | text:weight`; everything else is one argument."""
+    if param.kind is Kind.INT_LIST:
+        return [part for part in text.replace(",", " ").split() if part]
+    if param.kind is Kind.BLEND:
+        args: list[Any] = []
+        for item in text.split("|"):
+            body, sep, weight = item.rpartition(":")
+            if not sep:
+                raise ParamError(f"{param.name}: write each entry as text:weight, got {item.strip()!r}")
+            args += [body.strip(), weight.strip()]
+        return args
+    return [text]

@@ -1,0 +1,558 @@
+"""The one place that wires sources -> engine -> sinks, and parameters -> engine.
+
+Threads: one capture thread per source, the engine loop (the caller of `Bridge.run`), one
+thread per sink, and the OSC server and status threads. Frames cross threads through one-slot
+latest-wins `Mailbox`es, so a slow stage drops stale frames (counted) instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from bridge.config import BridgeConfig, SinkConfig
+from bridge.control.osc import OscControl, OscServer, StatusPublisher, parse_target
+from bridge.control.status import RateLimitedLog, Status
+from bridge.frames import Frame, fit
+from bridge.params import (
+    BY_NAME,
+    LIVE,
+    ParamError,
+    ParamStore,
+    coerce,
+    strength_to_t_index,
+    t_index_to_strength,
+    table,
+    text_args,
+)
+from bridge.transports.base import Sink, SinkContext, Source
+from bridge.transports.registry import open_sink, open_source
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Mailbox(Generic[T]):
+    """A one-slot, latest-wins hand-over between two threads. `put` never blocks; an item
+    replaced before anyone took it counts as dropped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: T | None = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify()
+
+    def get(self, timeout_s: float) -> T | None:
+        """The newest item, or None after `timeout_s` seconds or once closed."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout_s)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What the engine loop knows about each output frame (for `on_output` observers)."""
+
+    seq: int  # output counter, 1, 2, 3, ...
+    input_seq: int  # seq of the input frame it was made from (held/frozen: the original's)
+    kind: str  # engine | skipped | bypass | frozen | held
+    t_capture: float  # perf_counter of the input it came from (held/frozen: the original input)
+    t_start: float  # perf_counter when the engine loop started on it
+    t_emit: float  # perf_counter when it was handed to the sinks
+    engine_ms: float  # engine call time, 0 when the engine did not run
+    param_version: int  # the newest parameter submission applied before this frame
+
+
+class SinkRunner:
+    """One sink on its own thread, fed by a mailbox. A write that raises is counted, logged
+    (rate-limited), reported in status, and the next frame is tried again."""
+
+    def __init__(self, label: str, sink: Sink) -> None:
+        self.label = label
+        self.sink = sink
+        self.box: Mailbox[Frame] = Mailbox()
+        self.written = 0
+        self.failures = 0
+        self.last_error = ""
+        self.write_ms: deque[float] = deque(maxlen=120)
+        self._stop = threading.Event()
+        self._log = RateLimitedLog(log)
+        self._thread = threading.Thread(target=self._run, name=f"sink-{label}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self.box.get(0.1)
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.sink.write(frame)
+            except Exception as exc:
+                self.failures += 1
+                self.last_error = f"output {self.label}: {type(exc).__name__}: {exc}"
+                self._log.warning(self.label, f"{self.last_error} (will retry with the next frame)")
+                continue
+            self.write_ms.append(1000 * (time.perf_counter() - t0))
+            self.written += 1
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        self.box.close()
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning(
+                "output %s did not finish its write within %.1f s; closing it anyway", self.label, timeout_s
+            )
+
+
+class CaptureRunner:
+    """The source on its own thread, feeding the newest frame into `box`."""
+
+    def __init__(self, source: Source, box: Mailbox[Frame]) -> None:
+        self.source = source
+        self.box = box
+        self.frames = 0
+        self.failures = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._log = RateLimitedLog(log)
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.source.read(0.1)
+            except Exception as exc:
+                self.failures += 1
+                self.last_error = f"input: {type(exc).__name__}: {exc}"
+                self._log.warning("input", f"{self.last_error} (holding the last output, retrying)")
+                self._stop.wait(0.1)
+                continue
+            if frame is not None:
+                self.frames += 1
+                self.box.put(frame)
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+
+
+class EngineDriver:
+    """Builds the engine from the config and applies live parameters to it."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        from bridge.engine import StreamEngine
+        from bridge.engine.accel import accelerate
+        from bridge.engine.loading import LoadOptions, load_pipeline, resolve_device, resolve_dtype_name
+
+        e = config.engine
+        device = resolve_device(e.device)
+        options = LoadOptions(
+            cache_dir=_expand(e.cache_dir),
+            device=device,
+            dtype=resolve_dtype_name(e.dtype),
+            offline=e.offline,
+            tiny_vae=e.tiny_vae or None,
+            lcm_lora=e.lcm_lora or None,
+        )
+        log.info("loading model %r on %s", e.model, device)
+        pipe = load_pipeline(e.model, options)
+        accelerate(pipe, e.acceleration)
+        self.engine = StreamEngine(
+            pipe,
+            list(DEFAULT_T_INDEX),
+            width=e.width,
+            height=e.height,
+            cfg_type=e.cfg_type,
+            frame_buffer_size=e.frame_buffer_size,
+            use_denoising_batch=e.use_denoising_batch,
+            similarity_seed=e.similarity_seed,
+        )
+
+    def prepare(self, values: dict[str, Any]) -> None:
+        blend = values.get("prompt_blend") or ()
+        self.engine.prepare(
+            list(blend) if blend else values["prompt"],
+            negative_prompt=values["negative_prompt"],
+            guidance_scale=values["guidance"],
+            delta=values["delta"],
+            seed=values["seed"],
+        )
+        self.engine.set_t_index_list(list(values["t_index_list"]))
+        self.engine.set_similarity_filter(
+            enabled=values["ssf/enabled"], threshold=values["ssf/threshold"], max_skip=values["ssf/max_skip"]
+        )
+
+    def apply(self, name: str, value: Any) -> dict[str, Any]:
+        """Apply one live value; returns every value it changed (strength also moves
+        t_index_list and the reverse). Raises ValueError when the engine refuses it."""
+        e = self.engine
+        if name == "prompt":
+            e.set_prompt(value)
+            return {"prompt": value, "prompt_blend": ()}
+        if name == "prompt_blend":
+            e.set_prompt(list(value))
+            return {"prompt_blend": value}
+        if name == "negative_prompt":
+            e.set_negative_prompt(value)
+        elif name == "seed":
+            e.set_seed(value)
+        elif name == "guidance":
+            e.set_guidance_scale(value)
+        elif name == "delta":
+            e.set_delta(value)
+        elif name == "strength":
+            t_index = strength_to_t_index(value, e.num_steps)
+            e.set_t_index_list(list(t_index))
+            return {"strength": value, "t_index_list": t_index}
+        elif name == "t_index_list":
+            e.set_t_index_list(list(value))
+            return {"t_index_list": tuple(value), "strength": t_index_to_strength(value)}
+        elif name == "ssf/enabled":
+            e.set_similarity_filter(enabled=value)
+        elif name == "ssf/threshold":
+            e.set_similarity_filter(threshold=value)
+        elif name == "ssf/max_skip":
+            e.set_similarity_filter(max_skip=value)
+        return {name: value}
+
+
+DEFAULT_T_INDEX = LIVE["t_index_list"].default
+
+
+def _expand(path: str) -> Any:
+    from pathlib import Path
+
+    return Path(path).expanduser()
+
+
+def initial_values(config: BridgeConfig) -> dict[str, Any]:
+    """Live values at start: table defaults, then the config's `params`; strength and
+    t_index_list are kept consistent with each other."""
+    values = {name: p.default for name, p in LIVE.items()}
+    values.update(config.params)
+    if "strength" in config.params:
+        values["t_index_list"] = strength_to_t_index(values["strength"], len(values["t_index_list"]))
+    else:
+        values["strength"] = t_index_to_strength(values["t_index_list"])
+    return values
+
+
+class Bridge:
+    """The live bridge. `run(stop)` blocks in the calling thread (the engine loop) until `stop`
+    is set, then shuts everything down in order: source, sinks (reverse open order), status,
+    OSC. `engine_factory` lets tests and the benchmark swap in a prepared engine driver."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        engine_factory: Callable[[BridgeConfig], EngineDriver] = EngineDriver,
+        sinks: Sequence[tuple[str, Sink]] = (),
+    ) -> None:
+        self.config = config
+        self.store = ParamStore(initial_values(config))
+        self._engine_factory = engine_factory
+        self._extra_sinks = list(sinks)
+        self._status = Status()
+        self._status_lock = threading.Lock()
+        self._observers: list[Callable[[Frame, OutputInfo], None]] = []
+        self.sinks: list[SinkRunner] = []
+        self.capture: CaptureRunner | None = None
+        self.control: OscControl | None = None
+        self.osc: OscServer | None = None
+        self.publisher: StatusPublisher | None = None
+        self.ready = threading.Event()  # set once the state is "running"
+        self._freeze = bool(self.store.get("freeze"))
+        self._bypass = bool(self.store.get("bypass"))
+        self._applied_version = 0
+        self._in_box: Mailbox[Frame] = Mailbox()
+        self._outputs: deque[OutputInfo] = deque(maxlen=60)
+        self._engine_errors = 0
+        self._last_error = ""
+        self._out_seq = 0
+
+    # ------------------------------------------------------------------ status
+    def on_output(self, observer: Callable[[Frame, OutputInfo], None]) -> None:
+        """Call `observer(frame, info)` from the engine loop for every output frame."""
+        self._observers.append(observer)
+
+    def status(self) -> Status:
+        with self._status_lock:
+            return self._status
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            self._status = replace(self._status, **changes)
+        if self.publisher is not None and ("state" in changes or "mode" in changes or "error" in changes):
+            self.publisher.poke()
+
+    def _refresh_status(self) -> None:
+        outs = list(self._outputs)
+        now = time.perf_counter()
+        recent = [o for o in outs if now - o.t_emit <= 1.0]
+        fps = 0.0
+        if len(recent) >= 2:
+            fps = (len(recent) - 1) / max(recent[-1].t_emit - recent[0].t_emit, 1e-6)
+        fresh = [o for o in outs if o.kind in ("engine", "skipped", "bypass")]
+        latency = statistics.median(1000 * (o.t_emit - o.t_capture) for o in fresh) if fresh else 0.0
+        ran = [o.engine_ms for o in fresh if o.kind == "engine"]
+        processed = [o for o in fresh if o.kind in ("engine", "skipped")]
+        skip_rate = sum(o.kind == "skipped" for o in processed) / len(processed) if processed else 0.0
+        dropped = self._in_box.dropped + sum(s.box.dropped for s in self.sinks)
+        errors = [s.last_error for s in self.sinks if s.last_error] + (
+            [self.capture.last_error] if self.capture and self.capture.last_error else []
+        )
+        error = (
+            self._last_error
+            or (self.control.last_error if self.control else "")
+            or (errors[-1] if errors else "")
+        )
+        self._set_status(
+            fps=round(fps, 2),
+            latency_ms=round(latency, 2),
+            engine_ms=round(statistics.median(ran), 2) if ran else 0.0,
+            skip_rate=round(skip_rate, 3),
+            dropped=dropped,
+            error=error,
+        )
+
+    def status_dict(self) -> dict[str, Any]:
+        """Status and live values as JSON-able data (the preview page's /status)."""
+        data: dict[str, Any] = dict(vars(self.status()))
+        values = self.store.snapshot()
+        data["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        if self.control is not None:
+            data["osc"] = self.control.counters.as_dict()
+        data["outputs"] = {
+            s.label: {"written": s.written, "failures": s.failures, "dropped": s.box.dropped}
+            for s in self.sinks
+        }
+        return data
+
+    def submit_text(self, name: str, raw: Sequence[str]) -> str:
+        """A parameter change from a form: "" when queued, else the reason it was refused."""
+        param = BY_NAME.get(name)
+        if param is None:
+            return f"no parameter {name!r}"
+        try:
+            args: list[Any] = []
+            for item in raw:
+                args += text_args(param, item)
+            coerced = coerce(param, args)
+        except ParamError as exc:
+            return str(exc)
+        self.store.submit(name, coerced.value)
+        return ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start_control(self) -> None:
+        osc = self.config.osc
+        if not osc.enabled:
+            return
+        self.osc = OscServer(osc.host, osc.port)
+        targets = [parse_target(t) for t in osc.status_targets]
+        self.control = OscControl(
+            self.store, send=self.osc.send, error_targets=targets, allowlist=osc.allowlist
+        )
+        self.osc.start(self.control)
+        self.publisher = StatusPublisher(
+            send=self.osc.send,
+            targets=targets,
+            status=self.status,
+            store=self.store,
+            interval_s=osc.status_interval_s,
+        )
+        self.publisher.start()
+        log.info("OSC on %s:%d, status to %s", *self.osc.address, ", ".join(osc.status_targets))
+
+    def _open_sinks(self) -> None:
+        ctx = SinkContext(status=self.status_dict, submit=self.submit_text, params=table())
+        for i, cfg in enumerate(self.config.outputs):
+            label = _sink_label(i, cfg)
+            self.sinks.append(SinkRunner(label, open_sink(cfg, ctx)))
+        for label, sink in self._extra_sinks:
+            self.sinks.append(SinkRunner(label, sink))
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start."""
+        try:
+            self._set_status(state="loading")
+            self._start_control()
+            self._open_sinks()
+            driver = self._engine_factory(self.config)
+            driver.prepare(self.store.snapshot())
+            e = self.config.engine
+            source = open_source(self.config.input, width=e.width, height=e.height)
+            self.capture = CaptureRunner(source, self._in_box)
+            self._set_status(state="warming")
+            self._warm_up(driver)
+            self._set_status(state="running")
+            self.ready.set()
+            self._loop(driver, stop)
+        except BaseException:
+            self._set_status(state="error")
+            raise
+        finally:
+            self._shutdown()
+
+    def _warm_up(self, driver: EngineDriver) -> None:
+        e = self.config.engine
+        blank = np.zeros((e.height, e.width, 4), np.uint8)
+        for _ in range(self.config.runtime.warmup_frames):
+            driver.engine(blank, output_type="uint8")
+        driver.engine.similarity.reset()
+
+    def _shutdown(self) -> None:
+        started = time.perf_counter()
+        if self.capture is not None:
+            self.capture.stop(0.5)
+            _close("input", self.capture.source)
+        self._in_box.close()
+        for runner in reversed(self.sinks):
+            runner.stop(0.5)
+            _close(runner.label, runner.sink)
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.osc is not None:
+            self.osc.close()
+        log.info("shut down in %.2f s", time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ the engine loop
+    def _apply_pending(self, driver: EngineDriver) -> None:
+        pending = self.store.take_pending()
+        for name, item in sorted(pending.items(), key=lambda kv: kv[1].version):
+            try:
+                if name == "freeze":
+                    self._freeze = bool(item.value)
+                    changed = {name: item.value}
+                elif name == "bypass":
+                    self._bypass = bool(item.value)
+                    changed = {name: item.value}
+                else:
+                    changed = driver.apply(name, item.value)
+            except (ValueError, TypeError) as exc:
+                reason = f"the engine refused {name}={item.value!r}: {exc}"
+                if self.control is not None:
+                    self.control.reject(BY_NAME[name].address, reason, None)
+                else:
+                    log.warning("%s", reason)
+                continue
+            for key, value in changed.items():
+                self.store.commit(key, value)
+            self._applied_version = max(self._applied_version, item.version)
+        if pending and self.publisher is not None:
+            self.publisher.poke()
+
+    def _loop(self, driver: EngineDriver, stop: threading.Event) -> None:
+        from bridge.transports.synthetic import Pacer
+
+        rt = self.config.runtime
+        e = self.config.engine
+        pacer = Pacer(rt.fps)
+        hold_period_s = 1.0 / (rt.fps or 30.0)
+        last_out: Frame | None = None
+        last_input_t = time.perf_counter()
+        next_status = 0.0
+        engine = driver.engine
+        while not stop.is_set():
+            frame = self._in_box.get(min(hold_period_s, 0.1))
+            now = time.perf_counter()
+            if frame is None:
+                held = last_out is not None and now - last_input_t >= rt.hold_after_s
+                if self.status().mode != "holding" and held:
+                    log.warning("the input stopped delivering; holding the last output")
+                if held and last_out is not None and pacer.wait(0.0):
+                    self._set_status(mode="holding")
+                    self._emit(last_out, "held", now, 0.0)
+                if now >= next_status:
+                    self._refresh_status()
+                    next_status = now + 0.25
+                continue
+            if self.status().mode == "holding":
+                log.warning("the input is back")
+            last_input_t = now
+            self._apply_pending(driver)
+            mode = "frozen" if self._freeze else "bypass" if self._bypass else "live"
+            if mode != self.status().mode:
+                self._set_status(mode=mode)
+            t_start = time.perf_counter()
+            engine_ms = 0.0
+            if mode == "frozen" and last_out is not None:
+                out, kind = last_out.pixels, "frozen"
+            elif mode == "bypass":
+                out, kind = fit(frame.pixels, e.width, e.height), "bypass"
+            else:
+                skipped_before = engine.stats.skipped
+                try:
+                    out = engine(fit(frame.pixels, e.width, e.height), output_type="uint8")
+                except Exception as exc:  # the show goes on: keep the last output, report the fault
+                    self._engine_errors += 1
+                    self._last_error = f"engine: {type(exc).__name__}: {exc}"
+                    log.exception("engine call failed; repeating the last output")
+                    if self._engine_errors >= 3:
+                        self._set_status(state="error")
+                    if last_out is None:
+                        continue
+                    out, kind = last_out.pixels, "held"
+                else:
+                    if self._engine_errors:
+                        self._engine_errors, self._last_error = 0, ""
+                        self._set_status(state="running", error="")
+                    engine_ms = 1000 * (time.perf_counter() - t_start)
+                    kind = "skipped" if engine.stats.skipped > skipped_before else "engine"
+            # an output frame keeps the seq and capture time of the input it was made from
+            last_out = Frame(out, frame.seq, frame.t_capture)
+            pacer.wait(hold_period_s * 4)  # pace the output, never waiting unboundedly
+            self._emit(last_out, kind, t_start, engine_ms)
+            if time.perf_counter() >= next_status:
+                self._refresh_status()
+                next_status = time.perf_counter() + 0.25
+
+    def _emit(self, frame: Frame, kind: str, t_start: float, engine_ms: float) -> None:
+        t_emit = time.perf_counter()
+        for runner in self.sinks:
+            runner.box.put(frame)
+        self._out_seq += 1
+        info = OutputInfo(
+            self._out_seq, frame.seq, kind, frame.t_capture, t_start, t_emit, engine_ms, self._applied_version
+        )
+        self._outputs.append(info)
+        self._set_status(frames=self._status.frames + 1)
+        for observer in self._observers:
+            observer(frame, info)
+
+
+def _sink_label(index: int, cfg: SinkConfig) -> str:
+    return cfg.kind if index == 0 else f"{cfg.kind}#{index}"
+
+
+def _close(label: str, closable: Source | Sink) -> None:
+    try:
+        closable.close()
+    except Exception:
+        log.exception("closing %s failed", label)

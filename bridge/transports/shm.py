@@ -1,0 +1,53 @@
+"""Shared-memory source and sink over the frame ring in `shmring` (docs/shm-protocol.md)."""
+
+from __future__ import annotations
+
+import time
+
+from bridge.frames import Frame, PixelFormat, from_format, to_format
+from bridge.transports.shmring import ShmReader, ShmWriter
+
+
+class ShmSink:
+    """Publishes every frame into the ring `name`; other processes read it with `ShmReader`
+    (TouchDesigner: touchdesigner/sdbridge_shm.py). `close()` unlinks the segments."""
+
+    def __init__(self, *, name: str = "sdbridge_out", fmt: str = "rgba", slots: int = 3) -> None:
+        self.format = PixelFormat.parse(fmt)
+        self.writer = ShmWriter(name, slot_count=slots)
+
+    def write(self, frame: Frame) -> None:
+        pixels = frame.pixels
+        if self.format is not PixelFormat.RGBA or pixels.shape[2] != 4:
+            pixels = to_format(pixels, self.format)
+        # perf_counter is per process; readers get wall-clock capture time
+        t_wall = time.time() - (time.perf_counter() - frame.t_capture)
+        self.writer.write(pixels, fmt=self.format.value, source_seq=frame.seq, t_capture=t_wall)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ShmSource:
+    """Reads frames another process writes into the ring `name` (e.g. a TouchDesigner Script
+    TOP with `ShmWriter`). Returns None while the writer is absent, and picks it up when it
+    (re)appears."""
+
+    def __init__(self, *, name: str = "sdbridge_in", poll_s: float = 0.002) -> None:
+        self.reader = ShmReader(name)
+        self.poll_s = poll_s
+
+    def read(self, timeout_s: float) -> Frame | None:
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            got = self.reader.read()
+            if got is not None:
+                pixels, info = got
+                rgba = from_format(pixels, PixelFormat.parse(info.format))
+                return Frame(rgba, info.source_seq)
+            if time.perf_counter() >= deadline:
+                return None
+            time.sleep(self.poll_s)
+
+    def close(self) -> None:
+        self.reader.close()
