@@ -58,6 +58,7 @@ class BenchConfig:
     repeats: int = 31
     warmup: int = 3
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
+    live: bool = True  # also measure the live bridge: shm round trip, OSC to applied, overhead
 
 
 @dataclass
@@ -231,6 +232,17 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         for cfg in config.cfg_types:
             progress(f"measuring {steps} step(s), cfg_type={cfg}")
             rows.append(asdict(measure(pipe, config, steps, cfg, size)))
+    live = None
+    if config.live:
+        from bridge.bench_live import run_live_bench
+        from bridge.runtime import EngineDriver
+
+        def factory_for(px: int) -> Callable[[Any], EngineDriver]:
+            return lambda _cfg: EngineDriver(
+                StreamEngine(pipe, [32, 45], width=px, height=px, cfg_type="self")
+            )
+
+        live = run_live_bench(factory_for, progress, osc_size=size)
     device_name = (
         torch.cuda.get_device_name(0)
         if config.device.startswith("cuda")
@@ -251,6 +263,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "n UNet calls of batch 1 at the engine's timesteps vs the engine's one call of batch n",
         "engine": rows,
         "targets": TARGETS,
+        "live": live,
     }
 
 
@@ -272,6 +285,23 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [head, "  ".join(cols)]
     for row in report["engine"]:
         lines.append("  ".join(str(row[c]).rjust(len(c)) for c in cols))
+    live = report.get("live")
+    if live:
+        for row in live["shm"]:
+            lines.append(
+                f"shm round trip {row['size'][0]}px: {row['shm_round_trip_ms']} ms vs numpy copy "
+                f"{row['numpy_copy_ms']} ms ({row['ratio_vs_copy']}x)"
+            )
+        osc = live["osc"]
+        lines.append(
+            f"OSC to applied {osc['size'][0]}px: {osc['osc_to_applied_ms']} ms (frame {osc['frame_ms']} ms), "
+            f"at most {osc['frames_in_between_max']} frame(s) in between"
+        )
+        ov = live["overhead"]
+        lines.append(
+            f"bridge overhead {ov['size'][0]}px: latency {ov['latency_ms']} ms - engine {ov['engine_ms']} ms "
+            f"= {ov['overhead_ms']} ms"
+        )
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         cache_dir=args.cache_dir,
+        live=not args.no_live,
     )
 
     def progress(message: str) -> None:
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
     bench.add_argument(
+        "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"
+    )
+    bench.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"model cache (default {DEFAULT_CACHE})"
     )
     bench.set_defaults(func=_bench)
@@ -254,7 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(__name__).exception("%s failed", args.command)
         print(f"sdbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
 
 
 def entry() -> None:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -162,36 +163,10 @@ class CaptureRunner:
 
 
 class EngineDriver:
-    """Builds the engine from the config and applies live parameters to it."""
+    """Applies live parameters to a `StreamEngine` (built by `load_engine` from the config)."""
 
-    def __init__(self, config: BridgeConfig) -> None:
-        from bridge.engine import StreamEngine
-        from bridge.engine.accel import accelerate
-        from bridge.engine.loading import LoadOptions, load_pipeline, resolve_device, resolve_dtype_name
-
-        e = config.engine
-        device = resolve_device(e.device)
-        options = LoadOptions(
-            cache_dir=_expand(e.cache_dir),
-            device=device,
-            dtype=resolve_dtype_name(e.dtype),
-            offline=e.offline,
-            tiny_vae=e.tiny_vae or None,
-            lcm_lora=e.lcm_lora or None,
-        )
-        log.info("loading model %r on %s", e.model, device)
-        pipe = load_pipeline(e.model, options)
-        accelerate(pipe, e.acceleration)
-        self.engine = StreamEngine(
-            pipe,
-            list(DEFAULT_T_INDEX),
-            width=e.width,
-            height=e.height,
-            cfg_type=e.cfg_type,
-            frame_buffer_size=e.frame_buffer_size,
-            use_denoising_batch=e.use_denoising_batch,
-            similarity_seed=e.similarity_seed,
-        )
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
 
     def prepare(self, values: dict[str, Any]) -> None:
         blend = values.get("prompt_blend") or ()
@@ -244,10 +219,36 @@ class EngineDriver:
 DEFAULT_T_INDEX = LIVE["t_index_list"].default
 
 
-def _expand(path: str) -> Any:
-    from pathlib import Path
+def load_engine(config: BridgeConfig) -> EngineDriver:
+    """Load the model the config names and build the engine (slow: seconds to minutes)."""
+    from bridge.engine import StreamEngine
+    from bridge.engine.accel import accelerate
+    from bridge.engine.loading import LoadOptions, load_pipeline, resolve_device, resolve_dtype_name
 
-    return Path(path).expanduser()
+    e = config.engine
+    device = resolve_device(e.device)
+    options = LoadOptions(
+        cache_dir=Path(e.cache_dir).expanduser(),
+        device=device,
+        dtype=resolve_dtype_name(e.dtype),
+        offline=e.offline,
+        tiny_vae=e.tiny_vae or None,
+        lcm_lora=e.lcm_lora or None,
+    )
+    log.info("loading model %r on %s", e.model, device)
+    pipe = load_pipeline(e.model, options)
+    accelerate(pipe, e.acceleration)
+    engine = StreamEngine(
+        pipe,
+        list(DEFAULT_T_INDEX),
+        width=e.width,
+        height=e.height,
+        cfg_type=e.cfg_type,
+        frame_buffer_size=e.frame_buffer_size,
+        use_denoising_batch=e.use_denoising_batch,
+        similarity_seed=e.similarity_seed,
+    )
+    return EngineDriver(engine)
 
 
 def initial_values(config: BridgeConfig) -> dict[str, Any]:
@@ -265,24 +266,28 @@ def initial_values(config: BridgeConfig) -> dict[str, Any]:
 class Bridge:
     """The live bridge. `run(stop)` blocks in the calling thread (the engine loop) until `stop`
     is set, then shuts everything down in order: source, sinks (reverse open order), status,
-    OSC. `engine_factory` lets tests and the benchmark swap in a prepared engine driver."""
+    OSC. `engine_factory`, `sinks` and `source` let tests and the benchmark bring a prepared
+    engine, extra sinks and their own source (then `input` in the config is not opened)."""
 
     def __init__(
         self,
         config: BridgeConfig,
         *,
-        engine_factory: Callable[[BridgeConfig], EngineDriver] = EngineDriver,
+        engine_factory: Callable[[BridgeConfig], EngineDriver] = load_engine,
         sinks: Sequence[tuple[str, Sink]] = (),
+        source: Source | None = None,
     ) -> None:
         self.config = config
         self.store = ParamStore(initial_values(config))
         self._engine_factory = engine_factory
         self._extra_sinks = list(sinks)
+        self._source = source
         self._status = Status()
         self._status_lock = threading.Lock()
         self._observers: list[Callable[[Frame, OutputInfo], None]] = []
         self.sinks: list[SinkRunner] = []
         self.capture: CaptureRunner | None = None
+        self.driver: EngineDriver | None = None
         self.control: OscControl | None = None
         self.osc: OscServer | None = None
         self.publisher: StatusPublisher | None = None
@@ -404,10 +409,10 @@ class Bridge:
             self._set_status(state="loading")
             self._start_control()
             self._open_sinks()
-            driver = self._engine_factory(self.config)
+            driver = self.driver = self._engine_factory(self.config)
             driver.prepare(self.store.snapshot())
             e = self.config.engine
-            source = open_source(self.config.input, width=e.width, height=e.height)
+            source = self._source or open_source(self.config.input, width=e.width, height=e.height)
             self.capture = CaptureRunner(source, self._in_box)
             self._set_status(state="warming")
             self._warm_up(driver)

@@ -46,6 +46,23 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         # Identical frames with max_skip=10: exactly 10 of every 11 frames after the first skip.
         assert row["skip_rate_static"] == pytest.approx(40 / 44, abs=1e-3)
     assert "timesteps=[the engine's taus]" in report["matching"]
+    live = report["live"]
+    assert [row["size"] for row in live["shm"]] == [[512, 512], [1024, 1024]]
+    for row in live["shm"]:
+        assert row["ratio_vs_copy"] == pytest.approx(
+            row["shm_round_trip_ms"] / row["numpy_copy_ms"], rel=2e-2
+        )
+    osc = live["osc"]
+    assert osc["size"] == [64, 64] and osc["messages"] == 15 and osc["osc_to_applied_ms"] > 0
+    assert isinstance(osc["frames_in_between_max"], int) and osc["frames_in_between_max"] >= 0
+    overhead = live["overhead"]
+    assert overhead["size"] == [512, 512] and overhead["frames"] >= 12
+    assert overhead["latency_ms"] >= overhead["engine_ms"] > 0
+    assert live["targets"] == {
+        "shm_vs_copy_max": 3.0,
+        "osc_frames_in_between_max": 1,
+        "bridge_overhead_ms_max": 1.0,
+    }
 
 
 def test_bench_refuses_cuda_without_a_gpu(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,6 +90,7 @@ def test_python_m_bridge_bench_is_the_same_command(model_cache: Path) -> None:
             "1",
             "--warmup",
             "0",
+            "--no-live",
             "--cache-dir",
             str(model_cache),
         ],

@@ -28,7 +28,22 @@ def test_engine_imports_no_transports_control_or_runtime() -> None:
             ), f"{path.name} imports {name}"
 
 
-def test_transports_do_not_load_torch() -> None:
-    code = "import sys, bridge.transports, bridge.transports.synthetic; print('torch' in sys.modules)"
+def test_control_transports_params_and_config_do_not_load_torch() -> None:
+    modules = ["bridge.params", "bridge.config", "bridge.frames", "bridge.control"]
+    modules += [f"bridge.control.{p.stem}" for p in (BRIDGE / "control").glob("*.py") if p.stem != "__init__"]
+    modules += ["bridge.transports"]
+    modules += [
+        f"bridge.transports.{p.stem}" for p in (BRIDGE / "transports").glob("*.py") if p.stem != "__init__"
+    ]
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_control_and_transports_import_no_engine_or_runtime() -> None:
+    for part in ("control", "transports"):
+        for path in (BRIDGE / part).glob("*.py"):
+            for name in imported_modules(path):
+                assert not name.startswith(("bridge.engine", "bridge.runtime", "bridge.cli", "torch")), (
+                    f"{part}/{path.name} imports {name}"
+                )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -57,18 +58,33 @@ def _put(buf: memoryview, field: tuple[int, str], *values: object, base: int = 0
     struct.pack_into(field[1], buf, base + field[0], *values)
 
 
+# Every SharedMemory this module builds is built under this lock (see _open_existing).
+_OPEN_LOCK = threading.Lock()
+
+
+def _create(name: str, size: int) -> shared_memory.SharedMemory:
+    with _OPEN_LOCK:
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+
+
 def _open_existing(name: str) -> shared_memory.SharedMemory:
-    """Attach to a segment someone else owns, without letting this process's resource tracker
-    unlink it at exit (Python < 3.13 registers every attach, which would destroy the writer's
-    segment when a reader quits)."""
+    """Attach to a segment someone else owns without registering it with this process's resource
+    tracker: Python < 3.13 registers every attach, and the tracker unlinks what is registered
+    when the process exits, which would destroy the writer's segment when a reader quits. The
+    registration is skipped rather than undone, so a writer in the same process keeps its own."""
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
-    shm = shared_memory.SharedMemory(name=name)
-    if os.name == "posix":
-        from multiprocessing import resource_tracker
+    if os.name != "posix":
+        return shared_memory.SharedMemory(name=name)
+    from multiprocessing import resource_tracker
 
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return shm
+    with _OPEN_LOCK:
+        register = resource_tracker.register
+        resource_tracker.register = lambda *_args, **_kwargs: None  # type: ignore[assignment]
+        try:
+            return shared_memory.SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,7 @@ class ShmWriter:
         self.name = name
         self.slot_count = slot_count
         try:
-            self._control = shared_memory.SharedMemory(name=name, create=True, size=CONTROL_SIZE)
+            self._control = _create(name, CONTROL_SIZE)
         except FileExistsError:
             raise FileExistsError(
                 f"shared memory {name!r} already exists: another bridge is writing it, or one was "
@@ -152,9 +168,7 @@ class ShmWriter:
         _put(self._buf, _LAYOUT_SEQ, self._layout_seq)
         self._stride = SLOT_HEADER + -(-width * height * channels // 64) * 64
         data_name = f"{self.name}_g{(self._layout_seq + 1) // 2}"
-        self._data = shared_memory.SharedMemory(
-            name=data_name, create=True, size=self._stride * self.slot_count
-        )
+        self._data = _create(data_name, self._stride * self.slot_count)
         assert self._data.buf is not None
         self._data.buf[: self._stride * self.slot_count] = bytes(self._stride * self.slot_count)
         _put(self._buf, _LAYOUT, width, height, channels, FORMATS[fmt], self.slot_count, 0)

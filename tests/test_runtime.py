@@ -1,0 +1,218 @@
+"""The runtime in-process on the tiny model: holding the last frame when the input stops, a
+failing and a blocking sink that stall nothing, refused and failing engine calls, mailboxes,
+parameters applied between frames."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bridge.config import load_config
+from bridge.engine import StreamEngine
+from bridge.frames import Frame
+from bridge.runtime import Bridge, EngineDriver, Mailbox, OutputInfo
+from bridge.transports.synthetic import test_pattern as pattern_frame
+
+SIZE = 64
+
+
+class GatedSource:
+    """The test pattern while `flowing` is set, nothing while it is clear."""
+
+    def __init__(self) -> None:
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.seq = 0
+        self.closed = 0
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self.flowing.wait(timeout_s):
+            return None
+        time.sleep(0.01)
+        self.seq += 1
+        return Frame(pattern_frame(self.seq, SIZE, SIZE), self.seq)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class RecordingSink:
+    def __init__(self, *, fail: bool = False, block_s: float = 0.0) -> None:
+        self.fail, self.block_s = fail, block_s
+        self.frames: list[Frame] = []
+        self.closed = 0
+
+    def write(self, frame: Frame) -> None:
+        if self.block_s:
+            time.sleep(self.block_s)
+        if self.fail:
+            raise OSError("the receiver went away")
+        self.frames.append(frame)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@contextmanager
+def running(
+    tiny_pipe: Any, overrides: list[str], sinks: list[tuple[str, RecordingSink]], source: GatedSource
+) -> Iterator[tuple[Bridge, list[OutputInfo]]]:
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *overrides])
+
+    def factory(cfg: Any) -> EngineDriver:
+        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
+
+    bridge = Bridge(config, engine_factory=factory, sinks=sinks, source=source)
+    infos: list[OutputInfo] = []
+    bridge.on_output(lambda frame, info: infos.append(info))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            bridge.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert bridge.ready.wait(120), f"bridge did not start: {errors}"
+        yield bridge, infos
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert not errors, errors
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+CONFIG = [f"engine.width={SIZE}", f"engine.height={SIZE}", "runtime.fps=0", "runtime.hold_after_s=0.2"]
+
+
+def test_holds_the_last_output_when_the_input_stops_and_resumes(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    with running(tiny_pipe, CONFIG, [("rec", sink)], source) as (bridge, infos):
+        wait_for(lambda: len(infos) >= 5)
+        source.flowing.clear()
+        wait_for(lambda: sum(i.kind == "held" for i in infos) >= 5)
+        assert bridge.status().mode == "holding"
+        held = [i for i in infos if i.kind == "held"]
+        last_live = max(i.seq for i in infos if i.kind == "engine")
+        assert all(h.input_seq == infos[last_live - 1].input_seq for h in held)
+        wait_for(lambda: len(sink.frames) >= len(infos) - 2)
+        assert len({f.pixels.tobytes() for f in sink.frames[-3:]}) == 1  # the same picture, repeated
+        source.flowing.set()
+        n = len(infos)
+        wait_for(lambda: any(i.kind == "engine" for i in infos[n:]))
+        wait_for(lambda: bridge.status().mode == "live")
+    assert source.closed == 1 and sink.closed == 1
+
+
+def test_failing_and_blocking_sinks_stall_nothing(tiny_pipe: Any) -> None:
+    source = GatedSource()
+    good, failing, blocking = RecordingSink(), RecordingSink(fail=True), RecordingSink(block_s=3.0)
+    sinks = [("failing", failing), ("blocking", blocking), ("good", good)]
+    with running(tiny_pipe, CONFIG, sinks, source) as (bridge, _infos):
+        wait_for(lambda: len(good.frames) >= 20)
+        assert len(blocking.frames) <= 1  # still in its first write
+        status = bridge.status_dict()
+        outputs = status["outputs"]
+        assert outputs["failing"]["failures"] >= 10 and outputs["failing"]["written"] == 0
+        assert outputs["blocking"]["dropped"] >= 10  # frames replaced while it was busy
+        wait_for(lambda: "output failing: OSError: the receiver went away" in bridge.status_dict()["error"])
+    assert failing.closed == blocking.closed == good.closed == 1
+
+
+def test_parameters_apply_between_frames_and_refusals_are_reported(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    with running(tiny_pipe, CONFIG, [("rec", sink)], source) as (bridge, infos):
+        wait_for(lambda: len(infos) >= 3)
+        version = bridge.store.submit("strength", 1.0)
+        wait_for(lambda: any(i.param_version >= version for i in infos))
+        carrying = next(i for i in infos if i.param_version >= version)
+        assert bridge.store.get("t_index_list") == (0, 25)
+        n = len(infos)
+        bridge.store.submit("guidance", -3.0)  # past coercion: only a buggy client gets here
+        wait_for(lambda: len(infos) >= n + 3)
+        assert bridge.store.get("guidance") == 1.2  # refused, unchanged
+        assert bridge.status().state == "running"
+        assert carrying.kind == "engine"
+        assert bridge.submit_text("t_index_list", ["10, 20, 30"]) == ""
+        wait_for(lambda: bridge.store.get("t_index_list") == (10, 20, 30))
+        assert bridge.store.get("strength") == pytest.approx(1 - 10 / 49, abs=1e-3)
+        assert "ascending" in bridge.submit_text("t_index_list", ["30 20"])
+
+
+def test_freeze_and_bypass(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    with running(tiny_pipe, CONFIG, [("rec", sink)], source) as (bridge, infos):
+        wait_for(lambda: len(infos) >= 3)
+        bridge.store.submit("bypass", True)
+        wait_for(lambda: any(i.kind == "bypass" for i in infos))
+        wait_for(
+            lambda: (
+                len(sink.frames) >= 1
+                and np.array_equal(sink.frames[-1].pixels, pattern_frame(sink.frames[-1].seq, SIZE, SIZE))
+            )
+        )
+        bridge.store.submit("bypass", False)
+        bridge.store.submit("freeze", True)
+        wait_for(lambda: infos[-1].kind == "frozen")
+        n = len(sink.frames)
+        wait_for(lambda: len(sink.frames) >= n + 3)
+        assert len({f.pixels.tobytes() for f in sink.frames[n:]}) == 1
+        assert bridge.status().mode == "frozen"
+
+
+def test_an_engine_fault_repeats_the_last_output_and_recovers(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    with running(tiny_pipe, CONFIG, [("rec", sink)], source) as (bridge, infos):
+        wait_for(lambda: len(infos) >= 3)
+        calls = {"n": 0}
+        driver_engine = bridge.driver.engine
+        original = driver_engine.__class__.__call__
+
+        def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return original(self, *args, **kwargs)
+
+        n = len(infos)
+        driver_engine.__class__.__call__ = flaky
+        try:
+            wait_for(lambda: calls["n"] >= 4)
+            wait_for(lambda: any(i.kind == "engine" for i in infos[n + 2 :]))
+        finally:
+            driver_engine.__class__.__call__ = original
+        assert sum(i.kind == "held" for i in infos[n:]) >= 2
+        assert bridge.status().state == "running"
+
+
+def test_mailbox_keeps_the_latest_and_counts_drops() -> None:
+    box: Mailbox[int] = Mailbox()
+    assert box.get(0.0) is None
+    for i in range(5):
+        box.put(i)
+    assert box.get(0.0) == 4 and box.dropped == 4
+    got: list[int | None] = []
+    t = threading.Thread(target=lambda: got.append(box.get(10.0)))
+    t.start()
+    box.put(9)
+    t.join(5)
+    assert got == [9]
+    box.close()
+    assert box.get(10.0) is None  # closed: no waiting
