@@ -185,16 +185,16 @@ def bridge_overhead(factory: Callable[[Any], EngineDriver], size: int, frames: i
     sink = _TimedSink(ShmSink(name=name))
 
     def body(bridge: Bridge, infos: list[OutputInfo]) -> dict[str, Any]:
+        def measured() -> list[tuple[OutputInfo, OutputInfo]]:
+            """(previous output, output) for engine frames already written, past the first two."""
+            pairs = itertools.pairwise(list(infos))
+            return [(p, i) for p, i in pairs if i.kind == "engine" and i.input_seq in sink.written][2:]
+
         deadline = time.perf_counter() + 600
-        while sum(1 for i in infos if i.kind == "engine" and i.input_seq in sink.written) < frames + 2:
+        while len(done := measured()) < frames:
             if time.perf_counter() > deadline:
                 raise RuntimeError("the bridge overhead run produced too few frames")
             time.sleep(0.01)
-        done = [
-            (prev, i)
-            for prev, i in itertools.pairwise(infos)
-            if i.kind == "engine" and i.input_seq in sink.written
-        ][2:]
         latency = [sink.written[i.input_seq] - i.t_capture for _, i in done]
         # A frame that arrived while the engine was still busy with the one before waited for
         # the engine, not for the bridge: count from when the loop was free to take it.
