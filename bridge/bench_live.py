@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import socket
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 from bridge.config import load_config
 from bridge.control.osc import encode
 from bridge.frames import Frame
-from bridge.runtime import Bridge, EngineDriver, OutputInfo, initial_values
+from bridge.runtime import Bridge, EngineDriver, OutputInfo, in_background, initial_values
 from bridge.transports.base import Sink
 from bridge.transports.shm import ShmSink
 from bridge.transports.shmring import ShmReader, ShmWriter
@@ -97,28 +96,8 @@ def _run_bridge(
 ) -> Any:
     config = load_config(None, ["output.kind=null", "extra_outputs=[]", *overrides])
     bridge = Bridge(config, engine_factory=factory, sinks=sinks)
-    infos: list[OutputInfo] = []
-    bridge.on_output(lambda _frame, info: infos.append(info))
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            bridge.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="bench-bridge")
-    thread.start()
-    try:
-        if not bridge.ready.wait(300):
-            raise RuntimeError(f"the bridge did not start: {errors}")
+    with in_background(bridge) as infos:
         return body(bridge, infos)
-    finally:
-        stop.set()
-        thread.join(30)
-        if errors:
-            raise errors[0]
 
 
 def _free_udp_port() -> int:

@@ -12,7 +12,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -550,6 +551,39 @@ class Bridge:
         self._set_status(frames=self._status.frames + 1)
         for observer in self._observers:
             observer(frame, info)
+
+
+@contextmanager
+def in_background(bridge: Bridge, *, start_timeout_s: float = 300.0) -> Iterator[list[OutputInfo]]:
+    """Run `bridge` on a thread of its own (the benchmark and tests drive it from outside).
+
+    Yields the list every output's `OutputInfo` is appended to, once the state is "running".
+    On exit: stop, join, and re-raise whatever `run` raised; a bridge that did not start or
+    did not stop is a RuntimeError."""
+    infos: list[OutputInfo] = []
+    bridge.on_output(lambda _frame, info: infos.append(info))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            bridge.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="bridge")
+    thread.start()
+    try:
+        if not bridge.ready.wait(start_timeout_s):
+            raise RuntimeError(f"the bridge did not start within {start_timeout_s:.0f} s: {errors}")
+        yield infos
+    finally:
+        stop.set()
+        thread.join(30)
+        if errors:
+            raise errors[0]
+        if thread.is_alive():
+            raise RuntimeError("the bridge did not stop within 30 s")
 
 
 def _sink_label(index: int, cfg: SinkConfig) -> str:

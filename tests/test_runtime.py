@@ -16,7 +16,7 @@ import pytest
 from bridge.config import load_config
 from bridge.engine import StreamEngine
 from bridge.frames import Frame
-from bridge.runtime import Bridge, EngineDriver, Mailbox, OutputInfo
+from bridge.runtime import Bridge, EngineDriver, Mailbox, OutputInfo, in_background
 from bridge.transports.synthetic import test_pattern as pattern_frame
 
 SIZE = 64
@@ -69,27 +69,8 @@ def running(
         return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
 
     bridge = Bridge(config, engine_factory=factory, sinks=sinks, source=source)
-    infos: list[OutputInfo] = []
-    bridge.on_output(lambda frame, info: infos.append(info))
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            bridge.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert bridge.ready.wait(120), f"bridge did not start: {errors}"
+    with in_background(bridge, start_timeout_s=120) as infos:
         yield bridge, infos
-    finally:
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive()
-        assert not errors, errors
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
