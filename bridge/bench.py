@@ -59,6 +59,7 @@ class BenchConfig:
     warmup: int = 3
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
     live: bool = True  # also measure the live bridge: shm round trip, OSC to applied, overhead
+    acceleration: str = "none"  # engine.acceleration applied to the shared components (none|compile)
 
 
 @dataclass
@@ -227,6 +228,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         size = config.size or TINY_BENCH_SIZE
     else:
         raise ValueError(f"arch must be 'tiny' or one of {', '.join(FULLSIZE_ARCHS)}, got {config.arch!r}")
+    from bridge.engine.accel import accelerate
+
+    # Applied to the shared components, so every contender (diffusers included) runs the same
+    # compiled modules; warm-up absorbs the compilation of each new batch shape.
+    accelerate(pipe, config.acceleration)
     rows = []
     for steps in config.steps:
         for cfg in config.cfg_types:
@@ -253,6 +259,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "device_name": device_name,
         "arch": config.arch,
         "dtype": str(dtype).removeprefix("torch."),
+        "acceleration": config.acceleration,
         "resolution": [size, size],
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -269,7 +276,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
 
 def format_table(report: dict[str, Any]) -> str:
     """A human-readable table of `run_bench`'s report."""
-    head = f"{report['arch']} on {report['device']} ({report['device_name']}), {report['resolution'][0]}px, {report['dtype']}"
+    head = (
+        f"{report['arch']} on {report['device']} ({report['device_name']}), {report['resolution'][0]}px, "
+        f"{report['dtype']}, acceleration {report['acceleration']}"
+    )
     cols = (
         "steps",
         "cfg_type",

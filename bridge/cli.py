@@ -27,6 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         cache_dir=args.cache_dir,
         live=not args.no_live,
+        acceleration=args.acceleration,
     )
 
     def progress(message: str) -> None:
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=31, help="timed repeats per contender (median reported)"
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
+    bench.add_argument(
+        "--acceleration",
+        default="none",
+        choices=["none", "compile"],
+        help="as engine.acceleration: compile runs torch.compile on the UNet and VAE decoder (default none)",
+    )
     bench.add_argument(
         "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"
     )
