@@ -92,7 +92,7 @@ def _run_bridge(
     overrides: list[str],
     factory: Callable[[Any], EngineDriver],
     body: Callable[[Bridge, list[OutputInfo]], Any],
-    sinks: Sequence[tuple[str, Sink]] = (),
+    sinks: Sequence[tuple[str, Callable[[], Sink]]] = (),
 ) -> Any:
     config = load_config(None, ["output.kind=null", "extra_outputs=[]", *overrides])
     bridge = Bridge(config, engine_factory=factory, sinks=sinks)
@@ -190,7 +190,7 @@ def bridge_overhead(factory: Callable[[Any], EngineDriver], size: int, frames: i
             "source_fps": round(fps, 3),
         }
 
-    result: dict[str, Any] = _run_bridge(overrides, factory, body, [("bench-shm", sink)])
+    result: dict[str, Any] = _run_bridge(overrides, factory, body, [("bench-shm", lambda: sink)])
     return result
 
 

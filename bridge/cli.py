@@ -80,6 +80,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+    from bridge.doctor import format_report, gather
+
+    config = load_config(args.config, args.set)
+    label = str(args.config) if args.config else "the built-in defaults"
+    if args.set:
+        label += " with " + " ".join(args.set)
+    report = gather(config, label)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["config"]["can_run"] else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -226,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="print the parameter table")
     params.add_argument("--json", action="store_true", help="as JSON (the source of the TouchDesigner spec)")
     params.set_defaults(func=_params)
+
+    doctor = sub.add_parser(
+        "doctor", help="what this machine can do (GPU, TensorRT, each transport) and whether a config can run"
+    )
+    doctor.add_argument(
+        "-c", "--config", type=Path, help="the config to judge (default: the built-in defaults)"
+    )
+    doctor.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="as for run")
+    doctor.add_argument("--json", action="store_true", help="as JSON")
+    doctor.set_defaults(func=_doctor)
 
     demo = sub.add_parser("demo", help="run the engine on the synthetic pattern and save a contact sheet")
     demo.add_argument(

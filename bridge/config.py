@@ -57,8 +57,9 @@ class SourceConfig:
     path: str = ""  # image / video file
     loop: bool = True  # video: start again at the end
     device: int = 0  # camera index (OBS Virtual Camera is one too)
-    name: str = ""  # shm / spout / syphon / ndi name
-    address: str = ""  # ndi: host:port when discovery does not work
+    name: str = ""  # shm ring / Spout sender / Syphon server / NDI source name
+    address: str = ""  # ndi: hosts or IPs to look at when mDNS discovery does not work (a,b,c)
+    flip: bool = False  # spout / syphon: turn the received image upside down
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,18 @@ class SinkConfig:
     """One output. Fields a kind does not use are ignored by it."""
 
     kind: str = "shm"  # see bridge.transports.registry.SINK_KINDS
-    name: str = ""  # shm segment / sender name; "" = the kind's default
-    format: str = "rgba"  # rgba | bgra | rgb | bgr (shm)
+    name: str = ""  # shm ring / Spout sender / Syphon server / NDI source name; "" = sdbridge_out or sdbridge
+    format: str = "rgba"  # rgba|bgra|rgb|bgr: shm and spout as given; ndi adds alpha, virtualcam drops it
+    flip: bool = False  # spout / syphon: send upside down (for receivers that count rows from the bottom)
     slots: int = 3  # shm ring slots
     host: str = "127.0.0.1"  # preview bind address
     port: int = 7860  # preview HTTP port
-    fps: float = 0.0  # preview / virtualcam frame rate cap; 0 = every frame (preview: 30)
+    fps: float = 0.0  # preview cap (0: 30) / virtualcam and ndi rate (0: runtime.fps, else 30)
     jpeg_quality: int = 80  # preview
-    device: str = ""  # virtual camera device
+    device: str = ""  # virtualcam device: /dev/videoN on Linux, "" = the first one
+    backend: str = ""  # virtualcam backend: obs | unitycapture | v4l2loopback; "" = any that works
+    width: int = 0  # virtualcam size; 0 = the engine's size
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -318,6 +323,12 @@ def _check(config: BridgeConfig, where: str) -> None:
             fail(f"{key}.format must be rgba, bgra, rgb or bgr, got {sink.format!r}")
         if not 0 <= sink.port < 65536:
             fail(f"{key}.port must be within [0, 65535], got {sink.port}")
+        if sink.width < 0 or sink.height < 0 or sink.fps < 0:
+            fail(f"{key}.width, height and fps must be >= 0 (0 = the bridge's own)")
+    if config.input.kind == "ndi" and not config.input.name:
+        fail(
+            'input.name must name the NDI source for input.kind=ndi (e.g. "sdbridge" or "STAGE-PC (sdbridge)")'
+        )
     if config.input.fps < 0 or config.runtime.fps < 0:
         fail("input.fps and runtime.fps must be >= 0 (0 = unpaced)")
     if not 0 < config.osc.port < 65536:

@@ -7,6 +7,7 @@ latest-wins `Mailbox`es, so a slow stage drops stale frames (counted) instead of
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import threading
@@ -35,11 +36,15 @@ from bridge.params import (
     table,
     text_args,
 )
-from bridge.transports.base import Sink, SinkContext, Source
-from bridge.transports.registry import open_sink, open_source
+from bridge.transports.base import MissingExtra, Sink, SinkContext, Source, TransportUnavailable
+from bridge.transports.registry import open_sink, open_source, prepare_media
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# How long the start waits for each output's first open (a virtual camera or an NDI sender
+# takes a moment); one still opening after this is reported and keeps trying.
+SINK_OPEN_WAIT_S = 10.0
 
 
 class Mailbox(Generic[T]):
@@ -87,40 +92,132 @@ class OutputInfo:
     param_version: int  # the newest parameter submission applied before this frame
 
 
-class SinkRunner:
-    """One sink on its own thread, fed by a mailbox. A write that raises is counted, logged
-    (rate-limited), reported in status, and the next frame is tried again."""
+# Errors that no retry can fix: the config or the machine must change. A sink or source that
+# raises one of these when first opened stops the bridge at start with that message.
+FINAL_ERRORS: tuple[type[BaseException], ...] = (MissingExtra, TransportUnavailable, ValueError)
 
-    def __init__(self, label: str, sink: Sink) -> None:
+
+class SinkRunner:
+    """One sink on its own thread, which opens it, writes to it and closes it, so a medium
+    whose state belongs to one thread (Spout's OpenGL context) gets that. A write that raises
+    is counted, logged (rate-limited), reported in status, and the next frame is tried again;
+    after `reopen_after` failures in a row the sink is closed and opened again, with a growing
+    pause between attempts. A write that blocks stalls only this thread: newer frames replace
+    the waiting one (counted as dropped) and status says how long the write has been stuck."""
+
+    def __init__(
+        self,
+        label: str,
+        opener: Callable[[], Sink],
+        *,
+        reopen_after: int = 3,
+        backoff_s: Sequence[float] = (0.5, 1.0, 2.0, 5.0),
+    ) -> None:
         self.label = label
-        self.sink = sink
+        self.opener = opener
+        self.sink: Sink | None = None
         self.box: Mailbox[Frame] = Mailbox()
+        self.state = "opening"  # opening | open | reopening | failed
         self.written = 0
         self.failures = 0
+        self.opens = 0
         self.last_error = ""
         self.write_ms: deque[float] = deque(maxlen=120)
+        self.busy_since: float | None = None  # perf_counter when the current write began
+        self._reopen_after = reopen_after
+        self._backoff = tuple(backoff_s)
         self._stop = threading.Event()
+        self._first_open = threading.Event()
+        self._final: BaseException | None = None
         self._log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name=f"sink-{label}", daemon=True)
         self._thread.start()
 
+    def wait_open(self, timeout_s: float) -> None:
+        """Wait for the first open. Raises its error when it is final (FINAL_ERRORS); any other
+        failure leaves the runner retrying in the background, reported in status."""
+        self._first_open.wait(timeout_s)
+        if self._final is not None:
+            raise self._final
+
+    def blocked_s(self) -> float:
+        """How long the write in progress has been running (0 when none is)."""
+        since = self.busy_since
+        return 0.0 if since is None else time.perf_counter() - since
+
+    def _open(self, attempt: int) -> bool:
+        try:
+            self.sink = self.opener()
+        except FINAL_ERRORS as exc:
+            if attempt == 0:
+                self._final = exc
+                self.state = "failed"
+                return False
+            self._failed(exc, "open")
+            return False
+        except Exception as exc:
+            self._failed(exc, "open")
+            return False
+        self.opens += 1
+        self.state = "open"
+        if attempt:
+            log.info("output %s is open again", self.label)
+        return True
+
+    def _failed(self, exc: BaseException, during: str) -> None:
+        self.failures += 1
+        self.last_error = f"output {self.label}: {type(exc).__name__}: {exc}"
+        self._log.warning(self.label, f"{self.last_error} ({during} failed; retrying)")
+
+    def _close_sink(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            _close(self.label, sink)
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            frame = self.box.get(0.1)
-            if frame is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                self.sink.write(frame)
-            except Exception as exc:
-                self.failures += 1
-                self.last_error = f"output {self.label}: {type(exc).__name__}: {exc}"
-                self._log.warning(self.label, f"{self.last_error} (will retry with the next frame)")
-                continue
-            self.write_ms.append(1000 * (time.perf_counter() - t0))
-            self.written += 1
+        attempt = 0
+        try:
+            opened = self._open(attempt)
+            self._first_open.set()
+            if self._final is not None:
+                return
+            in_a_row = 0
+            while not self._stop.is_set():
+                if not opened:
+                    pause = self._backoff[min(attempt, len(self._backoff) - 1)]
+                    self.state = "reopening"
+                    if self._stop.wait(pause):
+                        return
+                    attempt += 1
+                    opened = self._open(attempt)
+                    in_a_row = 0
+                    continue
+                attempt = 0
+                frame = self.box.get(0.1)
+                if frame is None or self.sink is None:
+                    continue
+                t0 = self.busy_since = time.perf_counter()
+                try:
+                    self.sink.write(frame)
+                except Exception as exc:
+                    self._failed(exc, "write")
+                    in_a_row += 1
+                    if in_a_row >= self._reopen_after:
+                        self._close_sink()
+                        opened = False
+                    continue
+                finally:
+                    self.busy_since = None
+                in_a_row = 0
+                self.write_ms.append(1000 * (time.perf_counter() - t0))
+                self.written += 1
+        finally:
+            self._first_open.set()
+            self._close_sink()
 
     def stop(self, timeout_s: float) -> None:
+        """Stop the thread; it closes the sink. A thread stuck in a write past `timeout_s`
+        is left behind (daemon) and the sink is closed from here instead."""
         self._stop.set()
         self.box.close()
         self._thread.join(timeout=timeout_s)
@@ -128,10 +225,13 @@ class SinkRunner:
             log.warning(
                 "output %s did not finish its write within %.1f s; closing it anyway", self.label, timeout_s
             )
+            self._close_sink()
 
 
 class CaptureRunner:
-    """The source on its own thread, feeding the newest frame into `box`."""
+    """The source on its own thread, feeding the newest frame into `box`. The thread also
+    closes the source, so a receiver whose state belongs to one thread (Spout, Syphon) is
+    created, used and released there."""
 
     def __init__(self, source: Source, box: Mailbox[Frame]) -> None:
         self.source = source
@@ -139,28 +239,44 @@ class CaptureRunner:
         self.frames = 0
         self.failures = 0
         self.last_error = ""
+        self._closed = False
         self._stop = threading.Event()
         self._log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
 
+    def waiting(self) -> str:
+        """What the source says it is waiting for ("" when frames flow or it says nothing)."""
+        return str(getattr(self.source, "waiting", "") or "")
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame = self.source.read(0.1)
-            except Exception as exc:
-                self.failures += 1
-                self.last_error = f"input: {type(exc).__name__}: {exc}"
-                self._log.warning("input", f"{self.last_error} (holding the last output, retrying)")
-                self._stop.wait(0.1)
-                continue
-            if frame is not None:
-                self.frames += 1
-                self.box.put(frame)
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = self.source.read(0.1)
+                except Exception as exc:
+                    self.failures += 1
+                    self.last_error = f"input: {type(exc).__name__}: {exc}"
+                    self._log.warning("input", f"{self.last_error} (holding the last output, retrying)")
+                    self._stop.wait(0.1)
+                    continue
+                if frame is not None:
+                    self.frames += 1
+                    self.box.put(frame)
+        finally:
+            self._close_source()
+
+    def _close_source(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _close("input", self.source)
 
     def stop(self, timeout_s: float) -> None:
         self._stop.set()
         self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning("the input did not return within %.1f s; closing it anyway", timeout_s)
+            self._close_source()
 
 
 class EngineDriver:
@@ -268,14 +384,15 @@ class Bridge:
     """The live bridge. `run(stop)` blocks in the calling thread (the engine loop) until `stop`
     is set, then shuts everything down in order: source, sinks (reverse open order), status,
     OSC. `engine_factory`, `sinks` and `source` let tests and the benchmark bring a prepared
-    engine, extra sinks and their own source (then `input` in the config is not opened)."""
+    engine, extra sinks as (label, opener) pairs, and their own source (then `input` in the
+    config is not opened)."""
 
     def __init__(
         self,
         config: BridgeConfig,
         *,
         engine_factory: Callable[[BridgeConfig], EngineDriver] = load_engine,
-        sinks: Sequence[tuple[str, Sink]] = (),
+        sinks: Sequence[tuple[str, Callable[[], Sink]]] = (),
         source: Source | None = None,
     ) -> None:
         self.config = config
@@ -330,13 +447,14 @@ class Bridge:
         processed = [o for o in fresh if o.kind in ("engine", "skipped")]
         skip_rate = sum(o.kind == "skipped" for o in processed) / len(processed) if processed else 0.0
         dropped = self._in_box.dropped + sum(s.box.dropped for s in self.sinks)
-        errors = [s.last_error for s in self.sinks if s.last_error] + (
-            [self.capture.last_error] if self.capture and self.capture.last_error else []
-        )
+        errors = [_sink_problem(s) for s in self.sinks]
+        if self.capture is not None:
+            errors += [self.capture.last_error, self.capture.waiting()]
+        errors = [e for e in errors if e]
         error = (
             self._last_error
             or (self.control.last_error if self.control else "")
-            or (errors[-1] if errors else "")
+            or (errors[0] if errors else "")
         )
         self._set_status(
             fps=round(fps, 2),
@@ -355,9 +473,25 @@ class Bridge:
         if self.control is not None:
             data["osc"] = self.control.counters.as_dict()
         data["outputs"] = {
-            s.label: {"written": s.written, "failures": s.failures, "dropped": s.box.dropped}
+            s.label: {
+                "state": s.state,
+                "written": s.written,
+                "failures": s.failures,
+                "dropped": s.box.dropped,
+                "opens": s.opens,
+                "write_ms": round(statistics.median(s.write_ms), 3) if s.write_ms else 0.0,
+                "blocked_s": round(s.blocked_s(), 2),
+                "last_error": s.last_error,
+            }
             for s in self.sinks
         }
+        if self.capture is not None:
+            data["input"] = {
+                "frames": self.capture.frames,
+                "failures": self.capture.failures,
+                "waiting": self.capture.waiting(),
+                "last_error": self.capture.last_error,
+            }
         return data
 
     def submit_text(self, name: str, raw: Sequence[str]) -> str:
@@ -397,17 +531,31 @@ class Bridge:
         log.info("OSC on %s:%d, status to %s", *self.osc.address, ", ".join(osc.status_targets))
 
     def _open_sinks(self) -> None:
-        ctx = SinkContext(status=self.status_dict, submit=self.submit_text, params=table())
-        for i, cfg in enumerate(self.config.outputs):
-            label = _sink_label(i, cfg)
-            self.sinks.append(SinkRunner(label, open_sink(cfg, ctx)))
-        for label, sink in self._extra_sinks:
-            self.sinks.append(SinkRunner(label, sink))
+        """Open every output on its own thread; a final error (a missing library, the wrong
+        OS, a bad setting) stops the start, any other failure is retried in the background."""
+        e = self.config.engine
+        ctx = SinkContext(
+            width=e.width,
+            height=e.height,
+            fps=self.config.runtime.fps,
+            status=self.status_dict,
+            submit=self.submit_text,
+            params=table(),
+        )
+        openers: list[tuple[str, Callable[[], Sink]]] = [
+            (_sink_label(i, cfg), functools.partial(open_sink, cfg, ctx))
+            for i, cfg in enumerate(self.config.outputs)
+        ]
+        for label, opener in [*openers, *self._extra_sinks]:
+            self.sinks.append(SinkRunner(label, opener))
+        for runner in self.sinks:
+            runner.wait_open(SINK_OPEN_WAIT_S)
 
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start."""
         try:
             self._set_status(state="loading")
+            prepare_media(self.config.input, self.config.outputs)
             self._start_control()
             self._open_sinks()
             driver = self.driver = self._engine_factory(self.config)
@@ -437,11 +585,9 @@ class Bridge:
         started = time.perf_counter()
         if self.capture is not None:
             self.capture.stop(0.5)
-            _close("input", self.capture.source)
         self._in_box.close()
         for runner in reversed(self.sinks):
             runner.stop(0.5)
-            _close(runner.label, runner.sink)
         if self.publisher is not None:
             self.publisher.close()
         if self.osc is not None:
@@ -584,6 +730,19 @@ def in_background(bridge: Bridge, *, start_timeout_s: float = 300.0) -> Iterator
             raise errors[0]
         if thread.is_alive():
             raise RuntimeError("the bridge did not stop within 30 s")
+
+
+BLOCKED_REPORT_S = 1.0  # a write running longer than this is reported in status
+
+
+def _sink_problem(runner: SinkRunner) -> str:
+    """The sink's current trouble for the status line, "" when it is fine."""
+    blocked = runner.blocked_s()
+    if blocked >= BLOCKED_REPORT_S:
+        return f"output {runner.label}: a write has been blocked for {blocked:.1f} s"
+    if runner.state != "open":
+        return runner.last_error or f"output {runner.label}: {runner.state}"
+    return runner.last_error
 
 
 def _sink_label(index: int, cfg: SinkConfig) -> str:

@@ -35,9 +35,13 @@ def test_control_transports_params_and_config_do_not_load_torch() -> None:
     modules += [
         f"bridge.transports.{p.stem}" for p in (BRIDGE / "transports").glob("*.py") if p.stem != "__init__"
     ]
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('torch' in sys.modules)"
+    vendors = ["torch", "cyndilib", "SpoutGL", "syphon", "pyvirtualcam", "cv2"]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        f"print([v for v in {vendors!r} if v in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"  # no torch, and every optional medium's library stays unloaded
 
 
 def test_control_and_transports_import_no_engine_or_runtime() -> None:

@@ -17,6 +17,7 @@ from bridge.config import load_config
 from bridge.engine import StreamEngine
 from bridge.frames import Frame
 from bridge.runtime import Bridge, EngineDriver, Mailbox, OutputInfo, in_background
+from bridge.transports.base import MissingExtra
 from bridge.transports.synthetic import test_pattern as pattern_frame
 
 SIZE = 64
@@ -47,6 +48,7 @@ class RecordingSink:
         self.fail, self.block_s = fail, block_s
         self.frames: list[Frame] = []
         self.closed = 0
+        self.opens = 0
 
     def write(self, frame: Frame) -> None:
         if self.block_s:
@@ -59,6 +61,14 @@ class RecordingSink:
         self.closed += 1
 
 
+def _opener(sink: RecordingSink) -> Callable[[], RecordingSink]:
+    def reopen() -> RecordingSink:
+        sink.opens += 1
+        return sink
+
+    return reopen
+
+
 @contextmanager
 def running(
     tiny_pipe: Any, overrides: list[str], sinks: list[tuple[str, RecordingSink]], source: GatedSource
@@ -68,7 +78,8 @@ def running(
     def factory(cfg: Any) -> EngineDriver:
         return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
 
-    bridge = Bridge(config, engine_factory=factory, sinks=sinks, source=source)
+    openers = [(label, _opener(sink)) for label, sink in sinks]
+    bridge = Bridge(config, engine_factory=factory, sinks=openers, source=source)
     with in_background(bridge, start_timeout_s=120) as infos:
         yield bridge, infos
 
@@ -109,12 +120,75 @@ def test_failing_and_blocking_sinks_stall_nothing(tiny_pipe: Any) -> None:
     with running(tiny_pipe, CONFIG, sinks, source) as (bridge, _infos):
         wait_for(lambda: len(good.frames) >= 20)
         assert len(blocking.frames) <= 1  # still in its first write
-        status = bridge.status_dict()
-        outputs = status["outputs"]
-        assert outputs["failing"]["failures"] >= 10 and outputs["failing"]["written"] == 0
+        wait_for(lambda: bridge.status_dict()["outputs"]["blocking"]["blocked_s"] >= 1.0)
+        outputs = bridge.status_dict()["outputs"]
+        assert outputs["failing"]["failures"] >= 3 and outputs["failing"]["written"] == 0
+        assert outputs["failing"]["last_error"] == "output failing: OSError: the receiver went away"
         assert outputs["blocking"]["dropped"] >= 10  # frames replaced while it was busy
+        assert outputs["good"]["state"] == "open" and outputs["good"]["failures"] == 0
         wait_for(lambda: "output failing: OSError: the receiver went away" in bridge.status_dict()["error"])
-    assert failing.closed == blocking.closed == good.closed == 1
+        # three failed writes in a row: the runner closes the sink and opens it again
+        wait_for(lambda: failing.opens >= 2)
+    assert failing.closed == failing.opens
+    assert blocking.closed == good.closed == 1
+
+
+class FlakySink(RecordingSink):
+    """Fails to open `open_failures` times, then fails `write_failures` writes, then works."""
+
+    def __init__(self, *, open_failures: int = 0, write_failures: int = 0) -> None:
+        super().__init__()
+        self.open_failures, self.write_failures = open_failures, write_failures
+
+    def opener(self) -> RecordingSink:
+        if self.open_failures:
+            self.open_failures -= 1
+            raise OSError("no such sender yet")
+        self.opens += 1
+        return self
+
+    def write(self, frame: Frame) -> None:
+        if self.write_failures:
+            self.write_failures -= 1
+            raise OSError("the receiver went away")
+        super().write(frame)
+
+
+def test_a_sink_that_cannot_open_yet_is_retried_and_recovers(tiny_pipe: Any) -> None:
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    late, flaky = FlakySink(open_failures=2), FlakySink(write_failures=4)
+
+    def factory(cfg: Any) -> EngineDriver:
+        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
+
+    bridge = Bridge(
+        config,
+        engine_factory=factory,
+        sinks=[("late", late.opener), ("flaky", flaky.opener)],
+        source=GatedSource(),
+    )
+    with in_background(bridge, start_timeout_s=120):
+        assert bridge.status_dict()["outputs"]["late"]["state"] in ("opening", "reopening")
+        wait_for(lambda: len(late.frames) >= 3)
+        wait_for(lambda: len(flaky.frames) >= 3)
+        outputs = bridge.status_dict()["outputs"]
+        assert outputs["late"]["state"] == "open" and outputs["late"]["opens"] == 1
+        assert outputs["late"]["failures"] == 2  # the two failed opens
+        assert outputs["flaky"]["opens"] == 2  # reopened after 3 failed writes in a row
+        assert outputs["flaky"]["failures"] == 4
+    assert late.closed == 1 and flaky.closed == 2
+
+
+def test_a_final_error_at_the_first_open_stops_the_start(tiny_pipe: Any) -> None:
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+
+    def missing() -> RecordingSink:
+        raise MissingExtra("NDI needs the 'cyndilib' module")
+
+    bridge = Bridge(config, engine_factory=lambda _cfg: None, sinks=[("ndi", missing)], source=GatedSource())  # type: ignore[arg-type,return-value]
+    with pytest.raises(MissingExtra, match="cyndilib"):
+        bridge.run(threading.Event())
+    assert bridge.status().state == "error"
 
 
 def test_parameters_apply_between_frames_and_refusals_are_reported(tiny_pipe: Any) -> None:

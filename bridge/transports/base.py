@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,9 +48,13 @@ def _no_submit(name: str, args: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class SinkContext:
-    """What a sink that is also a control surface (the preview page) may see and do, as plain
-    callables so transports depend on nothing above them."""
+    """What the bridge tells a sink when it opens: the output's size and rate (a virtual camera
+    opens at that size, NDI frames carry that rate), and, for a sink that is also a control
+    surface (the preview page), plain callables so transports depend on nothing above them."""
 
+    width: int = 512  # the engine's output size
+    height: int = 512
+    fps: float = 0.0  # the bridge's output rate; 0 = unpaced (as fast as the engine runs)
     status: Callable[[], Mapping[str, Any]] = _no_status  # status and parameter values, JSON-able
     submit: Callable[[str, Sequence[str]], str] = _no_submit  # name, raw args -> "" or the reason
     params: Sequence[Mapping[str, Any]] = field(default_factory=tuple)  # rows of bridge.params.table()
@@ -58,8 +64,61 @@ class MissingExtra(ImportError):
     """An optional library is not installed; the message names the pip command and alternatives."""
 
 
+class TransportUnavailable(RuntimeError):
+    """The medium cannot work on this machine as configured (another OS, no driver). Like
+    `MissingExtra`, it is final: the runtime does not retry it, and `sdbridge doctor` reports it."""
+
+
+# What frames can travel over on each OS, for error messages that name a way forward.
+_MEDIA_BY_OS = {
+    "win32": ("spout", "ndi", "virtualcam", "shm"),
+    "darwin": ("syphon", "ndi", "virtualcam", "shm"),
+    "linux": ("ndi", "virtualcam (v4l2loopback)", "shm"),
+}
+
+
+def current_platform() -> str:
+    """`sys.platform`, behind a function so tests can stand in for another OS."""
+    return sys.platform
+
+
+def os_label(platform: str | None = None) -> str:
+    platform = platform or current_platform()
+    return {"win32": "Windows", "darwin": "macOS", "linux": "Linux"}.get(platform, platform)
+
+
+def alternatives(platform: str | None = None, *, besides: str = "") -> str:
+    """The media that work on `platform` (default: this machine), other than `besides`, as a
+    phrase: "ndi, virtualcam (v4l2loopback) or shm"."""
+    media = [
+        m for m in _MEDIA_BY_OS.get(platform or current_platform(), ("ndi", "shm")) if m.split()[0] != besides
+    ]
+    return media[0] if len(media) == 1 else f"{', '.join(media[:-1])} or {media[-1]}"
+
+
+def only_on(what: str, platform: str, extra: str) -> TransportUnavailable:
+    """`what` exists only on `platform` ("win32", "darwin"); raised on any other OS."""
+    return TransportUnavailable(
+        f"{what} works only on {os_label(platform)} (this machine runs {os_label()}). "
+        f'Use {alternatives()} here; on {os_label(platform)}: pip install "streamdiffusion-bridge[{extra}]"'
+    )
+
+
 def missing_extra(what: str, extra: str, module: str, alternatives: str) -> MissingExtra:
     return MissingExtra(
         f"{what} needs the {module!r} module, which is not installed. Install it with: "
         f'pip install "streamdiffusion-bridge[{extra}]". Alternatives here: {alternatives}'
     )
+
+
+def import_vendor(module: str, *, what: str, extra: str, platform: str | None = None) -> Any:
+    """Import an optional vendor module, or raise the error that says how to get it: on the
+    wrong OS `TransportUnavailable`, otherwise `MissingExtra` naming the pip command."""
+    if platform is not None and current_platform() != platform:
+        raise only_on(what, platform, extra)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name is not None and exc.name != module and not module.startswith(exc.name + "."):
+            raise  # the vendor module is there but one of its own dependencies is broken
+        raise missing_extra(what, extra, module, alternatives(besides=extra)) from None

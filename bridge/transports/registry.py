@@ -3,6 +3,7 @@ optional library it needs, is imported only when that kind is opened."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bridge.transports.base import Sink, SinkContext, Source
@@ -10,8 +11,63 @@ from bridge.transports.base import Sink, SinkContext, Source
 if TYPE_CHECKING:
     from bridge.config import SinkConfig, SourceConfig
 
-SOURCE_KINDS = ("synthetic", "image", "video", "camera", "shm")
-SINK_KINDS = ("shm", "preview", "null")
+SOURCE_KINDS = ("synthetic", "image", "video", "camera", "shm", "spout", "syphon", "ndi")
+SINK_KINDS = ("shm", "preview", "null", "spout", "syphon", "ndi", "virtualcam")
+
+
+# kind -> (the vendor module it needs, the extra that installs it, the only OS it runs on)
+_VENDOR: dict[str, tuple[str, str, str | None]] = {
+    "video": ("cv2", "video", None),
+    "camera": ("cv2", "video", None),
+    "spout": ("SpoutGL", "spout", "win32"),
+    "syphon": ("syphon", "syphon", "darwin"),
+    "ndi": ("cyndilib", "ndi", None),
+    "virtualcam": ("pyvirtualcam", "virtualcam", None),
+}
+_WHAT = {"video": "The video input", "camera": "The camera input", "spout": "Spout", "syphon": "Syphon"}
+_WHAT |= {"ndi": "NDI", "virtualcam": "The virtual camera"}
+
+
+def availability(kind: str) -> str:
+    """ "" when `kind` can open on this machine, as far as can be told without opening it (no
+    device is grabbed, no sender started); otherwise the reason and the fix. Unknown kinds
+    raise ValueError."""
+    if kind not in SOURCE_KINDS and kind not in SINK_KINDS:
+        raise ValueError(
+            f"unknown kind {kind!r}; valid kinds: {', '.join(dict.fromkeys(SOURCE_KINDS + SINK_KINDS))}"
+        )
+    if kind not in _VENDOR:
+        return ""
+    from bridge.transports.base import import_vendor
+
+    module, extra, platform = _VENDOR[kind]
+    try:
+        import_vendor(module, what=_WHAT[kind], extra=extra, platform=platform)
+    except (ImportError, RuntimeError) as exc:
+        return str(exc)
+    if kind == "virtualcam":
+        from bridge.transports.virtualcam import driver_problem
+
+        return driver_problem()
+    return ""
+
+
+def describe(kind: str) -> str:
+    """A short note on an available medium (the NDI runtime's version), "" when none."""
+    if kind == "ndi":
+        from bridge.transports.ndi import cyndilib
+
+        return f"NDI runtime {cyndilib().get_ndi_version()}"
+    return ""
+
+
+def prepare_media(source: SourceConfig, sinks: Sequence[SinkConfig]) -> None:
+    """Process-wide settings that must come before any transport opens: the NDI hosts to look
+    at when `input.address` is set (NDI reads its config once, at its first object)."""
+    if source.kind == "ndi" and source.address:
+        from bridge.transports.ndi import parse_addresses, use_addresses
+
+        use_addresses(parse_addresses(source.address))
 
 
 def open_source(cfg: SourceConfig, *, width: int, height: int) -> Source:
@@ -39,6 +95,18 @@ def open_source(cfg: SourceConfig, *, width: int, height: int) -> Source:
         from bridge.transports.shm import ShmSource
 
         return ShmSource(name=cfg.name or "sdbridge_in")
+    if kind == "spout":
+        from bridge.transports.spout import SpoutSource
+
+        return SpoutSource(name=cfg.name, flip=cfg.flip)
+    if kind == "syphon":
+        from bridge.transports.syphon import SyphonSource
+
+        return SyphonSource(name=cfg.name, flip=cfg.flip)
+    if kind == "ndi":
+        from bridge.transports.ndi import NdiSource
+
+        return NdiSource(name=cfg.name, address=cfg.address)
     raise ValueError(f"unknown input kind {kind!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
 
 
@@ -63,4 +131,29 @@ def open_sink(cfg: SinkConfig, ctx: SinkContext | None = None) -> Sink:
         from bridge.transports.null import NullSink
 
         return NullSink()
+    ctx = ctx or SinkContext()
+    if kind == "spout":
+        from bridge.transports.spout import SpoutSink
+
+        return SpoutSink(name=cfg.name or "sdbridge", fmt=cfg.format, flip=cfg.flip)
+    if kind == "syphon":
+        from bridge.transports.syphon import SyphonSink
+
+        return SyphonSink(name=cfg.name or "sdbridge", flip=cfg.flip)
+    if kind == "ndi":
+        from bridge.transports.ndi import NdiSink
+
+        fmt = "bgra" if cfg.format in ("bgr", "bgra") else "rgba"  # NDI's 8-bit formats carry alpha
+        return NdiSink(name=cfg.name or "sdbridge", fmt=fmt, fps=cfg.fps or ctx.fps)
+    if kind == "virtualcam":
+        from bridge.transports.virtualcam import VirtualCamSink
+
+        return VirtualCamSink(
+            width=cfg.width or ctx.width,
+            height=cfg.height or ctx.height,
+            fps=cfg.fps or ctx.fps,
+            device=cfg.device,
+            backend=cfg.backend,
+            fmt="bgr" if cfg.format in ("bgr", "bgra") else "rgb",  # cameras carry no alpha
+        )
     raise ValueError(f"unknown output kind {kind!r}; valid kinds: {', '.join(SINK_KINDS)}")

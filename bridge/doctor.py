@@ -1,0 +1,164 @@
+"""`sdbridge doctor`: what this machine can do, and whether the chosen config can run on it.
+
+It reports the OS and Python; torch, CUDA and the GPU; whether TensorRT is installed; and for
+every transport whether it is available, or why not and the fix. Nothing is opened: no camera
+is grabbed, no sender started. The config is judged unable to run when a medium it uses is
+unavailable, when it asks for CUDA that torch cannot see, or when an offline hub model is not
+cached.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.config import BridgeConfig
+from bridge.transports.registry import SINK_KINDS, SOURCE_KINDS, availability, describe
+
+
+def _torch() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            cuda_version=torch.version.cuda,
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+        )
+    else:
+        built = torch.version.cuda
+        info["note"] = (
+            f"this torch is built for CUDA {built} but sees no GPU (driver missing or no NVIDIA card)"
+            if built
+            else "this torch is a CPU-only build; for a GPU install the CUDA build from pytorch.org"
+        )
+    return info
+
+
+def _tensorrt() -> dict[str, Any]:
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        return {
+            "installed": False,
+            "note": 'not installed; optional (pip install "streamdiffusion-bridge[tensorrt]", '
+            "Windows and Linux with an NVIDIA GPU)",
+        }
+    except Exception as exc:  # a broken TensorRT install raises anything from its loader
+        return {"installed": False, "note": f"present but fails to import: {type(exc).__name__}: {exc}"}
+    return {"installed": True, "version": str(getattr(trt, "__version__", "unknown"))}
+
+
+def _transports() -> list[dict[str, Any]]:
+    rows = []
+    for kind in dict.fromkeys(SOURCE_KINDS + SINK_KINDS):
+        roles = [r for r, kinds in (("input", SOURCE_KINDS), ("output", SINK_KINDS)) if kind in kinds]
+        reason = availability(kind)
+        row: dict[str, Any] = {"kind": kind, "roles": roles, "available": not reason}
+        if reason:
+            row["reason"] = reason
+        elif note := describe(kind):
+            row["note"] = note
+        rows.append(row)
+    return rows
+
+
+def _model_problem(config: BridgeConfig) -> tuple[str, str]:
+    """(problem, note) about the model: a problem stops the config, a note does not."""
+    e = config.engine
+    from bridge.engine.tiny import TINY_VARIANTS
+
+    if e.model in TINY_VARIANTS:
+        return "", "embedded, generated locally on first use"
+    path = Path(e.model).expanduser()
+    if path.exists():
+        return "", "a local file"
+    if e.model.count("/") != 1:
+        return f"engine.model {e.model!r} is not an embedded model, a local path or a hub id", ""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(e.model, "model_index.json"), str)
+    if cached:
+        return "", "in the Hugging Face cache"
+    if e.offline:
+        return f"engine.model {e.model!r} is not in the Hugging Face cache and engine.offline is set", ""
+    return "", "not cached yet: the first run downloads it (needs the network)"
+
+
+def check_config(
+    config: BridgeConfig, torch_info: dict[str, Any], transports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    by_kind = {row["kind"]: row for row in transports}
+    problems = []
+    used = [("input", config.input.kind)] + [
+        ("output" if i == 0 else f"extra_outputs.{i - 1}", sink.kind) for i, sink in enumerate(config.outputs)
+    ]
+    for key, kind in used:
+        row = by_kind[kind]
+        if not row["available"]:
+            problems.append(f"{key}.kind={kind}: {row['reason']}")
+    device = config.engine.device
+    if device.startswith("cuda") and not torch_info["cuda"]:
+        problems.append(f"engine.device={device}, but torch sees no CUDA device: {torch_info['note']}")
+    model_problem, model_note = _model_problem(config)
+    if model_problem:
+        problems.append(model_problem)
+    runs_on = device if device != "auto" else ("cuda" if torch_info["cuda"] else "cpu")
+    return {
+        "can_run": not problems,
+        "problems": problems,
+        "input": config.input.kind,
+        "outputs": [sink.kind for sink in config.outputs],
+        "model": config.engine.model,
+        "model_note": model_note,
+        "device": runs_on,
+    }
+
+
+def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
+    torch_info = _torch()
+    transports = _transports()
+    return {
+        "system": {
+            "os": platform.system(),
+            "os_release": platform.release(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "executable": sys.executable,
+        },
+        "torch": torch_info,
+        "tensorrt": _tensorrt(),
+        "transports": transports,
+        "config": {"source": config_label, **check_config(config, torch_info, transports)},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    s, t, trt, cfg = report["system"], report["torch"], report["tensorrt"], report["config"]
+    lines = [f"system     {s['os']} {s['os_release']} ({s['machine']}), Python {s['python']}"]
+    if t["cuda"]:
+        gpu = f"CUDA {t['cuda_version']}, {t['gpu']} ({t['gpu_memory_gib']} GiB)"
+    else:
+        gpu = f"no CUDA: {t['note']}"
+    lines.append(f"torch      {t['version']}; {gpu}")
+    lines.append(f"tensorrt   {trt['version'] if trt['installed'] else trt['note']}")
+    lines.append("transports")
+    for row in report["transports"]:
+        roles = "+".join(row["roles"])
+        state = "ok" if row["available"] else f"unavailable: {row['reason']}"
+        if row.get("note"):
+            state += f" ({row['note']})"
+        lines.append(f"  {row['kind']:<11} {roles:<13} {state}")
+    verdict = "can run" if cfg["can_run"] else "CANNOT run"
+    lines.append(
+        f"config     {cfg['source']}: {verdict} (input {cfg['input']}, outputs {', '.join(cfg['outputs'])}; "
+        f"model {cfg['model']} [{cfg['model_note'] or 'see below'}] on {cfg['device']})"
+    )
+    lines += [f"  - {problem}" for problem in cfg["problems"]]
+    return "\n".join(lines)
