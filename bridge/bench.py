@@ -302,6 +302,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"shm round trip {row['size'][0]}px: {row['shm_round_trip_ms']} ms vs numpy copy "
                 f"{row['numpy_copy_ms']} ms ({row['ratio_vs_copy']}x)"
             )
+        for row in live["sinks"]:
+            if not row["available"]:
+                lines.append(f"sink {row['kind']}: not measured here ({row['reason']})")
+                continue
+            lines.append(
+                f"sink {row['kind']} write {row['size'][0]}px: {row['write_ms']} ms vs numpy copy "
+                f"{row['numpy_copy_ms']} ms ({row['ratio_vs_copy']}x)"
+            )
         osc = live["osc"]
         lines.append(
             f"OSC to applied {osc['size'][0]}px: {osc['osc_to_applied_ms']} ms (frame {osc['frame_ms']} ms), "

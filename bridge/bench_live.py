@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from bridge.config import load_config
+from bridge.config import SinkConfig, load_config
 from bridge.control.osc import encode
 from bridge.frames import Frame
 from bridge.runtime import Bridge, EngineDriver, OutputInfo, in_background, initial_values
 from bridge.transports.base import Sink
+from bridge.transports.registry import availability, open_sink
 from bridge.transports.shm import ShmSink
 from bridge.transports.shmring import ShmReader, ShmWriter
+from bridge.transports.synthetic import test_pattern
 
 TARGETS = {"shm_vs_copy_max": 3.0, "osc_frames_in_between_max": 1, "bridge_overhead_ms_max": 1.0}
 
@@ -194,6 +196,54 @@ def bridge_overhead(factory: Callable[[Any], EngineDriver], size: int, frames: i
     return result
 
 
+# Sinks whose write cost means something here: a virtual camera's write waits for the camera's
+# next frame slot, so its time is the pacing, not the cost.
+MEASURED_SINKS = ("shm", "ndi", "spout", "syphon", "preview", "null")
+
+
+def sink_write_costs(sizes: tuple[int, ...] = (512, 1024), repeats: int = 60) -> list[dict[str, Any]]:
+    """Per-sink `write` time for every sink that can open here, vs np.copyto of the same frame,
+    alternating the two. Frames change every write (four test patterns), as they do live. The
+    preview sink encodes every frame (its frame-rate cap is lifted)."""
+    rows = []
+    for kind in MEASURED_SINKS:
+        reason = availability(kind)
+        if reason:
+            rows.append({"kind": kind, "available": False, "reason": reason})
+            continue
+        for size in sizes:
+            frames = [test_pattern(seq, size, size) for seq in range(4)]
+            copy_dst = np.empty_like(frames[0])
+            cfg = SinkConfig(kind=kind, name=f"sdbench_{uuid.uuid4().hex[:8]}", port=0, fps=1e6)
+            sink = open_sink(cfg)
+            try:
+                written, plain = [], []
+                for i in range(repeats + 5):
+                    frame = Frame(frames[i % 4], i)
+                    t0 = time.perf_counter()
+                    sink.write(frame)
+                    t1 = time.perf_counter()
+                    np.copyto(copy_dst, frame.pixels)
+                    t2 = time.perf_counter()
+                    if i >= 5:  # warm-up: first allocations, an NDI sender's start
+                        written.append(t1 - t0)
+                        plain.append(t2 - t1)
+            finally:
+                sink.close()
+            write_ms, copy_ms = _median_ms(written), _median_ms(plain)
+            rows.append(
+                {
+                    "kind": kind,
+                    "available": True,
+                    "size": [size, size],
+                    "write_ms": write_ms,
+                    "numpy_copy_ms": copy_ms,
+                    "ratio_vs_copy": round(write_ms / copy_ms, 2),
+                }
+            )
+    return rows
+
+
 def run_live_bench(
     factory_for: Callable[[int], Callable[[Any], EngineDriver]],
     progress: Callable[[str], None],
@@ -204,11 +254,13 @@ def run_live_bench(
     """All three live-bridge measurements; `factory_for(size)` builds engine drivers."""
     progress("measuring the shm round trip at 512 and 1024 px")
     shm = shm_round_trip()
+    progress("measuring each sink's write at 512 and 1024 px")
+    sinks = sink_write_costs()
     progress(f"measuring OSC to applied at {osc_size} px")
     osc = osc_to_applied(factory_for(osc_size), osc_size)
     progress(f"measuring the bridge overhead at {overhead_size} px")
     overhead = bridge_overhead(factory_for(overhead_size), overhead_size)
-    return {"shm": shm, "osc": osc, "overhead": overhead, "targets": TARGETS}
+    return {"shm": shm, "sinks": sinks, "osc": osc, "overhead": overhead, "targets": TARGETS}
 
 
 __all__ = ["run_live_bench"]

@@ -52,6 +52,14 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         assert row["ratio_vs_copy"] == pytest.approx(
             row["shm_round_trip_ms"] / row["numpy_copy_ms"], rel=2e-2
         )
+    measured = [(row["kind"], row["size"][0]) for row in live["sinks"] if row["available"]]
+    assert measured == [(k, px) for k in ("shm", "ndi", "preview", "null") for px in (512, 1024)]
+    for row in live["sinks"]:
+        if row["available"]:
+            assert row["write_ms"] > 0 and row["numpy_copy_ms"] > 0
+            assert row["ratio_vs_copy"] == pytest.approx(row["write_ms"] / row["numpy_copy_ms"], rel=2e-2)
+        else:
+            assert row["kind"] in ("spout", "syphon") and "works only on" in row["reason"]
     osc = live["osc"]
     assert osc["size"] == [64, 64] and osc["messages"] == 15 and osc["osc_to_applied_ms"] > 0
     assert isinstance(osc["frames_in_between_max"], int) and osc["frames_in_between_max"] >= 0
