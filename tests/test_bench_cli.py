@@ -57,7 +57,9 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
     for row in live["sinks"]:
         if row["available"]:
             assert row["write_ms"] > 0 and row["numpy_copy_ms"] > 0
-            assert row["ratio_vs_copy"] == pytest.approx(row["write_ms"] / row["numpy_copy_ms"], rel=2e-2)
+            assert row["ratio_vs_copy"] == pytest.approx(
+                row["write_ms"] / row["numpy_copy_ms"], rel=2e-2, abs=0.006
+            )
         else:
             assert row["kind"] in ("spout", "syphon") and "works only on" in row["reason"]
     osc = live["osc"]
