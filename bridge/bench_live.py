@@ -214,7 +214,8 @@ def sink_write_costs(sizes: tuple[int, ...] = (512, 1024), repeats: int = 60) ->
         for size in sizes:
             frames = [test_pattern(seq, size, size) for seq in range(4)]
             copy_dst = np.empty_like(frames[0])
-            cfg = SinkConfig(kind=kind, name=f"sdbench_{uuid.uuid4().hex[:8]}", port=0, fps=1e6)
+            fps = 1e6 if kind == "preview" else 0.0  # lift the preview's cap; NDI keeps its default rate
+            cfg = SinkConfig(kind=kind, name=f"sdbench_{uuid.uuid4().hex[:8]}", port=0, fps=fps)
             sink = open_sink(cfg)
             try:
                 written, plain = [], []
