@@ -2,7 +2,8 @@
 process). Sends numbered frames from the bridge's NDI sink to its NDI source on this machine
 and prints what arrived as JSON.
 
-    python -m tests.ndi_loopback NAME (--address HOST | --discovery)
+    python -m tests.ndi_loopback NAME [--address HOST]
+    python -m tests.ndi_loopback FEED --expect OUTPUT     # feed a running bridge, read its output
 """
 
 from __future__ import annotations
@@ -80,11 +81,35 @@ def wait_for_frame(sink: Any, source: Any, size: tuple[int, int], timeout_s: flo
     return -1.0
 
 
+def feed_and_watch(feed: str, output: str, timeout_s: float) -> dict[str, Any]:
+    """Send the NDI source `feed` to a bridge and receive its NDI output `output` until five
+    frames came back (or `timeout_s`)."""
+    sink = open_sink(SinkConfig(kind="ndi", name=feed, fps=15.0))
+    source = open_source(SourceConfig(kind="ndi", name=output), width=64, height=64)
+    got: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    seq = 0
+    while len(got) < 5 and time.perf_counter() - start < timeout_s:
+        seq += 1
+        sink.write(Frame(numbered(seq % 64, 96, 72), seq))
+        frame = source.read(0.06)
+        if frame is not None:
+            got.append({"size": [frame.width, frame.height], "frame_rate": str(source.frame_rate)})
+    sink.close()
+    source.close()
+    return {"frames": got, "after_s": round(time.perf_counter() - start, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
     parser.add_argument("--address", default="")
+    parser.add_argument("--expect", default="", help="the bridge's NDI output to read back")
+    parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args()
+    if args.expect:
+        json.dump(feed_and_watch(args.name, args.expect, args.timeout), sys.stdout)
+        return
     source_cfg = SourceConfig(kind="ndi", name=args.name, address=args.address)
     sink_cfg = SinkConfig(kind="ndi", name=args.name, fps=25.0)
     prepare_media(source_cfg, [sink_cfg])  # as the runtime does, before any NDI object exists

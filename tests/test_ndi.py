@@ -21,16 +21,21 @@ pytest.importorskip("cyndilib", reason="the ndi extra is part of the dev install
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loopback(tmp_path: Path, *, address: str = "", user_config: bool = False) -> dict[str, Any]:
+def ndi_env(tmp_path: Path, *, user_config: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "NDI_CONFIG_DIR"}
     env["HOME"] = str(tmp_path)  # no ~/.ndi config of the machine's user leaks in
     if user_config:
         folder = tmp_path / "ndi"
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         (folder / "ndi-config.v1.json").write_text(
             json.dumps({"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}}})
         )
         env["NDI_CONFIG_DIR"] = str(folder)
+    return env
+
+
+def loopback(tmp_path: Path, *, address: str = "", user_config: bool = False) -> dict[str, Any]:
+    env = ndi_env(tmp_path, user_config=user_config)
     name = f"sdbridge-test-{uuid.uuid4().hex[:6]}"
     args = [sys.executable, "-m", "tests.ndi_loopback", name, *(["--address", address] if address else [])]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -76,3 +81,58 @@ def test_ndi_loopback_by_address_without_any_config(tmp_path: Path) -> None:
     report = loopback(tmp_path, address="127.0.0.1:5961")  # the port is NDI's business: dropped
     check_report(report)
     assert report["config"] == {"ndi": {"networks": {"ips": "127.0.0.1"}}}  # written by the bridge
+
+
+def test_a_running_bridge_takes_ndi_in_by_address_and_sends_ndi_out(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """`sdbridge run` with input.kind=ndi (found by address alone) and output.kind=ndi; a second
+    process feeds the input and reads the output back."""
+    feed, out = f"feed-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    overrides = [
+        f"engine.cache_dir={model_cache}",
+        "engine.width=64",
+        "engine.height=64",
+        "engine.device=cpu",
+        "input.kind=ndi",
+        f"input.name={feed}",
+        "input.address=127.0.0.1",
+        "output.kind=ndi",
+        f"output.name={out}",
+        "extra_outputs=[]",
+        "osc.enabled=false",
+        "runtime.fps=15",
+    ]
+    args = [sys.executable, "-m", "bridge.cli", "run"] + [a for item in overrides for a in ("--set", item)]
+    bridge = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=ndi_env(tmp_path / "bridge", user_config=False),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        helper_home = tmp_path / "helper"
+        helper_home.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.ndi_loopback", feed, "--expect", out],
+            cwd=ROOT,
+            env=ndi_env(helper_home, user_config=True),
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        assert len(report["frames"]) == 5, report
+        # the 96x72 feed was fitted to the engine's 64x64; the output carries runtime.fps
+        assert all(f == {"size": [64, 64], "frame_rate": "15"} for f in report["frames"]), report
+    finally:
+        bridge.terminate()
+        try:
+            log, _ = bridge.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            bridge.kill()
+            log, _ = bridge.communicate()
+    assert bridge.returncode == 0, log[-3000:]

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "ndi-config.v1.json"
 FIND_INTERVAL_S = 0.5  # how often a receiver without its sender looks again
+# NDI's finder asks the `ips` hosts again at growing intervals (a sender that appeared 10 s
+# after the finder was seen 7 s later here); a fresh finder asks at once. So a receiver still
+# without its sender starts a new finder this often.
+FINDER_REFRESH_S = 3.0
 DEFAULT_FPS = 30.0
 
 _state: dict[str, Any] = {"started": False, "addresses": ()}
@@ -177,6 +181,7 @@ class NdiSource:
         self.name = name
         self.poll_s = poll_s
         self._finder: Any = None
+        self._finder_born = 0.0
         self._receiver: Any = None
         self._video: Any = None
         self._connected_to = ""
@@ -190,10 +195,16 @@ class NdiSource:
     def matches(self, full_name: str) -> bool:
         return full_name == self.name or full_name.endswith(f"({self.name})")
 
+    def _new_finder(self) -> None:
+        if self._finder is not None:
+            self._finder.close()
+        self._finder = self._ndi.Finder()
+        self._finder.open()
+        self._finder_born = time.perf_counter()
+
     def _open(self) -> None:
         ndi = self._ndi
-        self._finder = ndi.Finder()
-        self._finder.open()
+        self._new_finder()
         self._receiver = ndi.Receiver(
             color_format=ndi.RecvColorFormat.RGBX_RGBA,
             bandwidth=ndi.RecvBandwidth.highest,
@@ -207,6 +218,8 @@ class NdiSource:
         if now < self._next_look:
             return
         self._next_look = now + FIND_INTERVAL_S
+        if now - self._finder_born >= FINDER_REFRESH_S:
+            self._new_finder()
         self._finder.update_sources()
         for full_name in self._finder.get_source_names():
             if self.matches(full_name):
