@@ -215,10 +215,16 @@ def make_spoutgl(world: SpoutWorld) -> types.ModuleType:
     return module
 
 
+def _install(monkeypatch: pytest.MonkeyPatch, modules: dict[str, types.ModuleType], platform: str) -> None:
+    """Put `modules` where `import` finds them and make the bridge believe it runs on `platform`."""
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("bridge.transports.base.current_platform", lambda: platform)
+
+
 def install_spoutgl(monkeypatch: pytest.MonkeyPatch, platform: str = "win32") -> SpoutWorld:
     world = SpoutWorld()
-    monkeypatch.setitem(sys.modules, "SpoutGL", make_spoutgl(world))
-    monkeypatch.setattr("bridge.transports.base.current_platform", lambda: platform)
+    _install(monkeypatch, {"SpoutGL": make_spoutgl(world)}, platform)
     return world
 
 
@@ -355,9 +361,7 @@ def make_syphon(world: SyphonWorld) -> dict[str, types.ModuleType]:
 
 def install_syphon(monkeypatch: pytest.MonkeyPatch, platform: str = "darwin") -> SyphonWorld:
     world = SyphonWorld()
-    for name, module in make_syphon(world).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr("bridge.transports.base.current_platform", lambda: platform)
+    _install(monkeypatch, make_syphon(world), platform)
     return world
 
 
@@ -438,6 +442,5 @@ def make_pyvirtualcam(world: CamWorld) -> types.ModuleType:
 
 def install_pyvirtualcam(monkeypatch: pytest.MonkeyPatch, platform: str = "linux") -> CamWorld:
     world = CamWorld()
-    monkeypatch.setitem(sys.modules, "pyvirtualcam", make_pyvirtualcam(world))
-    monkeypatch.setattr("bridge.transports.base.current_platform", lambda: platform)
+    _install(monkeypatch, {"pyvirtualcam": make_pyvirtualcam(world)}, platform)
     return world

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +37,17 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def poll_for_frame(poll: Callable[[], Frame | None], timeout_s: float, poll_s: float) -> Frame | None:
+    """Call `poll` every `poll_s` seconds until it gives a frame or `timeout_s` has passed:
+    `Source.read` for media that can only be asked "anything new?"."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        frame = poll()
+        if frame is not None or time.perf_counter() >= deadline:
+            return frame
+        time.sleep(poll_s)
 
 
 def _no_status() -> Mapping[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bridge.frames import Frame, PixelFormat, from_format, to_format
-from bridge.transports.base import import_vendor
+from bridge.transports.base import import_vendor, poll_for_frame
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +267,7 @@ class NdiSource:
     def read(self, timeout_s: float) -> Frame | None:
         if self._receiver is None:
             self._open()
-        deadline = time.perf_counter() + timeout_s
-        while True:
-            frame = self._poll()
-            if frame is not None or time.perf_counter() >= deadline:
-                return frame
-            time.sleep(self.poll_s)
+        return poll_for_frame(self._poll, timeout_s, self.poll_s)
 
     def close(self) -> None:
         receiver, self._receiver = self._receiver, None

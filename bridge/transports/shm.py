@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from bridge.frames import Frame, PixelFormat, from_format, to_format
+from bridge.transports.base import poll_for_frame
 from bridge.transports.shmring import ShmReader, ShmWriter
 
 
@@ -37,17 +38,15 @@ class ShmSource:
         self.reader = ShmReader(name)
         self.poll_s = poll_s
 
+    def _poll(self) -> Frame | None:
+        got = self.reader.read()
+        if got is None:
+            return None
+        pixels, info = got
+        return Frame(from_format(pixels, PixelFormat.parse(info.format)), info.source_seq)
+
     def read(self, timeout_s: float) -> Frame | None:
-        deadline = time.perf_counter() + timeout_s
-        while True:
-            got = self.reader.read()
-            if got is not None:
-                pixels, info = got
-                rgba = from_format(pixels, PixelFormat.parse(info.format))
-                return Frame(rgba, info.source_seq)
-            if time.perf_counter() >= deadline:
-                return None
-            time.sleep(self.poll_s)
+        return poll_for_frame(self._poll, timeout_s, self.poll_s)
 
     def close(self) -> None:
         self.reader.close()

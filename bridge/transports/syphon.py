@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bridge.frames import Frame, PixelFormat, from_format, to_format
-from bridge.transports.base import import_vendor
+from bridge.transports.base import import_vendor, poll_for_frame
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,7 @@ class SyphonSource:
         return Frame(np.array(rgba, copy=True), self._seq)
 
     def read(self, timeout_s: float) -> Frame | None:
-        deadline = time.perf_counter() + timeout_s
-        while True:
-            frame = self._poll()
-            if frame is not None or time.perf_counter() >= deadline:
-                return frame
-            time.sleep(self.poll_s)
+        return poll_for_frame(self._poll, timeout_s, self.poll_s)
 
     def close(self) -> None:
         client, self._client = self._client, None
