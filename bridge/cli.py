@@ -93,6 +93,18 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if report["config"]["can_run"] else 1
 
 
+def _midi_learn(args: argparse.Namespace) -> int:
+    from bridge.config import add_midi_mapping
+    from bridge.control.midi import learn, listen, mapping_yaml
+
+    print(f"move the fader, knob or pad for {args.param!r} (listening {args.timeout:g} s)...", flush=True)
+    mapping = learn(listen(args.port, args.timeout), args.param, timeout_hint=f" within {args.timeout:g} s")
+    print(f"  - {mapping_yaml(mapping)}")
+    if args.config:
+        print(add_midi_mapping(args.config, mapping))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -250,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="as JSON")
     doctor.set_defaults(func=_doctor)
 
+    midi = sub.add_parser("midi-learn", help="map the next MIDI control you move to a parameter")
+    midi.add_argument("param", help="a live numeric or on/off parameter, e.g. guidance, freeze")
+    midi.add_argument("-c", "--config", type=Path, help="also write the mapping into this config file")
+    midi.add_argument("--port", default="", help="MIDI input port name or part of it (default: the first)")
+    midi.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    midi.set_defaults(func=_midi_learn)
+
     demo = sub.add_parser("demo", help="run the engine on the synthetic pattern and save a contact sheet")
     demo.add_argument(
         "--model", default="tiny", help="embedded name, local folder, .safetensors file or hub id"
@@ -281,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
-    except (MissingExtra, OSError, ValueError, RuntimeError) as exc:
+    except (MissingExtra, OSError, ValueError, RuntimeError, TimeoutError) as exc:
         # ConfigError, ParamError (ValueError) and ModelLoadError (RuntimeError) carry messages
         # that say what to do; a traceback would only hide them. -v shows it anyway.
         if args.verbose:

@@ -92,6 +92,28 @@ class OscConfig:
 
 
 @dataclass(frozen=True)
+class MidiMapping:
+    """One control -> one live parameter (`midi.mappings` entries; bridge/control/midi.py)."""
+
+    param: str
+    cc: int = -1  # control change number 0..127, or
+    note: int = -1  # note number 0..127
+    channel: int = 0  # 1..16 as printed on controllers; 0 = any channel
+    min: float | None = None  # numeric parameters: the range the control sweeps (default: the parameter's)
+    max: float | None = None
+    curve: str = "linear"  # linear | exp (fine control at the low end) | log (at the high end)
+    takeover: str = "soft"  # soft: pick the value up before moving it; jump: move it at once
+    mode: str = "toggle"  # on/off parameters: toggle (each press flips) | momentary (on while held)
+
+
+@dataclass(frozen=True)
+class MidiConfig:
+    enabled: bool = False
+    port: str = ""  # input port name, or part of it; "" = the first port
+    mappings: tuple[MidiMapping, ...] = ()
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     fps: float = 30.0  # output pacing; 0 = as fast as frames come
     hold_after_s: float = 0.5  # source silence before the bridge repeats its last output
@@ -106,6 +128,7 @@ class BridgeConfig:
     output: SinkConfig = field(default_factory=lambda: SinkConfig(kind="shm", name="sdbridge_out"))
     extra_outputs: tuple[SinkConfig, ...] = (SinkConfig(kind="preview"),)
     osc: OscConfig = field(default_factory=OscConfig)
+    midi: MidiConfig = field(default_factory=MidiConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
@@ -213,6 +236,13 @@ def _build(cls: type[Any], raw: Any, path: str) -> Any:
             kwargs[key] = "null"  # YAML reads a bare `kind: null` as None; the null transport is meant
         else:
             kwargs[key] = _convert(hints[key], value, full)
+    for f in dataclasses.fields(cls):
+        if (
+            f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(f"{path or 'config'} needs {f.name!r}")
     return cls(**kwargs)
 
 
@@ -337,6 +367,13 @@ def _check(config: BridgeConfig, where: str) -> None:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             fail(f"osc.status_targets entries must be host:port, got {target!r}")
+    from bridge.control.midi import check_mapping
+
+    for i, mapping in enumerate(config.midi.mappings):
+        try:
+            check_mapping(mapping, f"midi.mappings.{i}")
+        except ValueError as exc:
+            fail(str(exc))
     if "t_index_list" in config.params and "strength" in config.params:
         fail("params.strength and params.t_index_list both set the steps; give one of them")
 
@@ -346,3 +383,33 @@ def _check_kind(key: str, kind: str, valid: Sequence[str], fail: Any) -> None:
         close = difflib.get_close_matches(kind, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         fail(f"{key} {kind!r} is not a known kind{hint} (valid: {', '.join(valid)})")
+
+
+def add_midi_mapping(path: str | Path, mapping: MidiMapping) -> str:
+    """Add `mapping` to the config file at `path` (created when missing) and turn MIDI on;
+    returns what was done, for the user. A file without a `midi` section keeps its text and
+    comments (the section is appended); one with a section is rewritten, without comments."""
+    from bridge.control.midi import mapping_yaml
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8") if p.exists() else ""
+    raw = yaml.safe_load(text) if text.strip() else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    entry = {k: v for k, v in dataclasses.asdict(mapping).items() if v != getattr(MidiMapping(param=""), k)}
+    entry["param"] = mapping.param
+    if "midi" not in raw:
+        block = f"midi:\n  enabled: true\n  mappings:\n    - {mapping_yaml(mapping)}\n"
+        p.write_text(text + ("" if not text or text.endswith("\n") else "\n") + block, encoding="utf-8")
+        load_config(p)  # the result must load
+        return f"added a midi section to {p}"
+    midi = raw["midi"] if isinstance(raw["midi"], dict) else {}
+    mappings = [
+        m for m in midi.get("mappings") or [] if not (isinstance(m, dict) and m.get("param") == mapping.param)
+    ]
+    midi["mappings"] = [*mappings, entry]
+    midi["enabled"] = True
+    raw["midi"] = midi
+    p.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    load_config(p)
+    return f"updated the midi section of {p} (rewritten: its comments are not kept)"

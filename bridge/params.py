@@ -377,6 +377,12 @@ class ParamStore:
         with self._lock:
             return self._values[name]
 
+    def latest(self, name: str) -> Any:
+        """The newest value for `name`: a pending submission, else the applied value."""
+        with self._lock:
+            pending = self._pending.get(name)
+            return pending.value if pending is not None else self._values[name]
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._values)

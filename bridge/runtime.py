@@ -409,6 +409,9 @@ class Bridge:
         self.control: OscControl | None = None
         self.osc: OscServer | None = None
         self.publisher: StatusPublisher | None = None
+        self.midi: Any = None  # bridge.control.midi.MidiInput when MIDI is on and a port opened
+        self.midi_mapper: Any = None
+        self.midi_error = ""
         self.ready = threading.Event()  # set once the state is "running"
         self._freeze = bool(self.store.get("freeze"))
         self._bypass = bool(self.store.get("bypass"))
@@ -450,7 +453,7 @@ class Bridge:
         errors = [_sink_problem(s) for s in self.sinks]
         if self.capture is not None:
             errors += [self.capture.last_error, self.capture.waiting()]
-        errors = [e for e in errors if e]
+        errors = [e for e in [*errors, self.midi_error] if e]
         error = (
             self._last_error
             or (self.control.last_error if self.control else "")
@@ -485,6 +488,14 @@ class Bridge:
             }
             for s in self.sinks
         }
+        if self.config.midi.enabled:
+            mapper = self.midi_mapper
+            data["midi"] = {
+                "port": self.midi.name if self.midi is not None else "",
+                "error": self.midi_error,
+                "unmapped_messages": mapper.ignored if mapper is not None else 0,
+                "soft_takeover_waiting": dict(mapper.waiting) if mapper is not None else {},
+            }
         if self.capture is not None:
             data["input"] = {
                 "frames": self.capture.frames,
@@ -530,6 +541,29 @@ class Bridge:
         self.publisher.start()
         log.info("OSC on %s:%d, status to %s", *self.osc.address, ", ".join(osc.status_targets))
 
+    def _start_midi(self) -> None:
+        """MIDI is a convenience, never a reason to stop: without a MIDI subsystem, the library
+        or the port, the error is logged and shown in status and the bridge runs on."""
+        midi = self.config.midi
+        if not midi.enabled:
+            return
+        from bridge.control.midi import MidiInput, MidiMapper
+
+        self.midi_mapper = MidiMapper(midi.mappings, submit=self.store.submit, current=self.store.latest)
+        mapper = self.midi_mapper
+
+        def on_message(msg: Any) -> None:
+            try:
+                mapper.handle(msg)
+            except Exception:
+                log.exception("MIDI message %r failed", msg)
+
+        try:
+            self.midi = MidiInput(midi.port, on_message)
+        except (ImportError, OSError) as exc:
+            self.midi_error = f"MIDI: {exc}"
+            log.error("%s; the bridge runs on without MIDI", self.midi_error)
+
     def _open_sinks(self) -> None:
         """Open every output on its own thread; a final error (a missing library, the wrong
         OS, a bad setting) stops the start, any other failure is retried in the background."""
@@ -557,6 +591,7 @@ class Bridge:
             self._set_status(state="loading")
             prepare_media(self.config.input, self.config.outputs)
             self._start_control()
+            self._start_midi()
             self._open_sinks()
             driver = self.driver = self._engine_factory(self.config)
             driver.prepare(self.store.snapshot())
@@ -588,6 +623,8 @@ class Bridge:
         self._in_box.close()
         for runner in reversed(self.sinks):
             runner.stop(0.5)
+        if self.midi is not None:
+            _close("midi", self.midi)
         if self.publisher is not None:
             self.publisher.close()
         if self.osc is not None:
@@ -749,7 +786,7 @@ def _sink_label(index: int, cfg: SinkConfig) -> str:
     return cfg.kind if index == 0 else f"{cfg.kind}#{index}"
 
 
-def _close(label: str, closable: Source | Sink) -> None:
+def _close(label: str, closable: Any) -> None:
     try:
         closable.close()
     except Exception:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -271,3 +272,15 @@ def test_mailbox_keeps_the_latest_and_counts_drops() -> None:
     assert got == [9]
     box.close()
     assert box.get(10.0) is None  # closed: no waiting
+
+
+@pytest.mark.skipif(Path("/dev/snd/seq").exists(), reason="asserts a machine without ALSA MIDI")
+def test_midi_without_a_midi_subsystem_leaves_the_bridge_running(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    overrides = [*CONFIG, "midi.enabled=true", "midi.mappings=[{param: guidance, cc: 21}]"]
+    with running(tiny_pipe, overrides, [("rec", sink)], source) as (bridge, _infos):
+        wait_for(lambda: len(sink.frames) >= 5)
+        status = bridge.status_dict()
+        assert status["midi"]["port"] == "" and status["midi"]["error"].startswith("MIDI: no MIDI subsystem")
+        wait_for(lambda: bridge.status_dict()["error"].startswith("MIDI: no MIDI subsystem"))
+        assert bridge.status().state == "running"
