@@ -21,8 +21,8 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bridge tests
-	$(VENV)/bin/ruff format --check bridge tests
+	$(VENV)/bin/ruff check bridge tests obs touchdesigner
+	$(VENV)/bin/ruff format --check bridge tests obs touchdesigner
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
