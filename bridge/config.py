@@ -89,6 +89,8 @@ class OscConfig:
     status_targets: tuple[str, ...] = ("127.0.0.1:7001",)
     allowlist: tuple[str, ...] = ()  # sender IPs; empty = anyone who can reach the port
     status_interval_s: float = 1.0
+    oscquery_port: int = 0  # serve OSCQuery (the address space over HTTP) on this port; 0 = off
+    oscquery_advertise: bool = True  # announce it over mDNS when zeroconf is installed
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,8 @@ def _check(config: BridgeConfig, where: str) -> None:
         )
     if config.input.fps < 0 or config.runtime.fps < 0:
         fail("input.fps and runtime.fps must be >= 0 (0 = unpaced)")
+    if not 0 <= config.osc.oscquery_port < 65536:
+        fail(f"osc.oscquery_port must be within [1, 65535], or 0 for off, got {config.osc.oscquery_port}")
     if not 0 < config.osc.port < 65536:
         fail(f"osc.port must be within [1, 65535], got {config.osc.port}")
     for target in config.osc.status_targets:

@@ -409,6 +409,7 @@ class Bridge:
         self.control: OscControl | None = None
         self.osc: OscServer | None = None
         self.publisher: StatusPublisher | None = None
+        self.oscquery: Any = None  # bridge.control.oscquery.OscQueryServer when osc.oscquery_port is set
         self.midi: Any = None  # bridge.control.midi.MidiInput when MIDI is on and a port opened
         self.midi_mapper: Any = None
         self.midi_error = ""
@@ -540,6 +541,18 @@ class Bridge:
         )
         self.publisher.start()
         log.info("OSC on %s:%d, status to %s", *self.osc.address, ", ".join(osc.status_targets))
+        if osc.oscquery_port:
+            from bridge.control.oscquery import OscQueryServer
+
+            self.oscquery = OscQueryServer(
+                host=osc.host,
+                port=osc.oscquery_port,
+                osc_port=self.osc.address[1],
+                values=self.store.snapshot,
+                status=lambda: vars(self.status()),
+                advertise=osc.oscquery_advertise,
+            )
+            self.oscquery.start()
 
     def _start_midi(self) -> None:
         """MIDI is a convenience, never a reason to stop: without a MIDI subsystem, the library
@@ -625,6 +638,8 @@ class Bridge:
             runner.stop(0.5)
         if self.midi is not None:
             _close("midi", self.midi)
+        if self.oscquery is not None:
+            _close("oscquery", self.oscquery)
         if self.publisher is not None:
             self.publisher.close()
         if self.osc is not None:

@@ -141,7 +141,10 @@ def test_parameter_changes_reach_the_bridges_osc_control() -> None:
     assert control.counters.as_dict()["rejected"] == 0
     pending = {name: item.value for name, item in store.take_pending().items()}
     assert pending["t_index_list"] == (20, 30, 38) and pending["freeze"] is True
-    assert pending["prompt_blend"] == (("a cat", pytest.approx(0.7)), ("a dog", pytest.approx(0.3)))  # float32
+    assert pending["prompt_blend"] == (
+        ("a cat", pytest.approx(0.7)),
+        ("a dog", pytest.approx(0.3)),
+    )  # float32
 
 
 def test_a_bad_list_is_reported_not_sent() -> None:

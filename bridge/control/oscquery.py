@@ -1,0 +1,226 @@
+"""OSCQuery: the bridge describes its OSC address space over HTTP, so Chataigne, Vezér and
+TouchDesigner's OSCQuery components find every parameter with its type, range and current value
+on their own (https://github.com/Vidvox/OSCQueryProposal).
+
+The HTTP side is the standard library's. The zero-configuration announcement (`_oscjson._tcp`
+and `_osc._udp` over mDNS) uses `zeroconf` when it is installed (extra `oscquery`). Without it,
+clients are pointed at http://HOST:PORT by hand. Every live parameter is a node at its OSC
+address, with a `norm` child for numbers, and the status values are read-only nodes under
+/sd/status.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridge.params import LIVE, Kind, Param, osc_args
+
+log = logging.getLogger(__name__)
+
+READ, WRITE = 1, 2
+STATUS_TYPES = {
+    "state": "s",
+    "mode": "s",
+    "fps": "f",
+    "latency_ms": "f",
+    "engine_ms": "f",
+    "skip_rate": "f",
+    "dropped": "i",
+    "frames": "i",
+    "error": "s",
+}
+
+
+def _type_tag(param: Param, value: Any) -> str:
+    if param.kind is Kind.BOOL:
+        return "T" if value else "F"
+    if param.kind is Kind.INT_LIST:
+        return "i" * max(len(value), 1)
+    if param.kind is Kind.BLEND:
+        return "sf" * max(len(value), 1)
+    return {Kind.FLOAT: "f", Kind.INT: "i"}.get(param.kind, "s")
+
+
+def _value(param: Param, value: Any) -> list[Any]:
+    return osc_args(param, value)
+
+
+def build_tree(values: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole OSCQuery namespace as nested nodes."""
+    root: dict[str, Any] = {"FULL_PATH": "/", "ACCESS": 0, "CONTENTS": {}}
+
+    def node(path: str) -> dict[str, Any]:
+        current = root
+        parts = path.strip("/").split("/")
+        for i, part in enumerate(parts):
+            contents = current.setdefault("CONTENTS", {})
+            current = contents.setdefault(part, {"FULL_PATH": "/" + "/".join(parts[: i + 1]), "ACCESS": 0})
+        return current
+
+    for param in LIVE.values():
+        value = values.get(param.name, param.default)
+        entry = node(param.address)
+        entry.update(
+            TYPE=_type_tag(param, value),
+            ACCESS=READ | WRITE,
+            VALUE=_value(param, value),
+            DESCRIPTION=param.doc,
+        )
+        if param.numeric and param.minimum is not None and param.maximum is not None:
+            entry["RANGE"] = [{"MIN": param.minimum, "MAX": param.maximum}]
+            norm = node(f"{param.address}/norm")
+            span = param.maximum - param.minimum
+            norm.update(
+                TYPE="f",
+                ACCESS=WRITE,
+                RANGE=[{"MIN": 0.0, "MAX": 1.0}],
+                DESCRIPTION=f"{param.name} as 0..1 of its range",
+                VALUE=[(float(value) - param.minimum) / span if span else 0.0],
+            )
+        if param.choices:
+            entry["RANGE"] = [{"VALS": list(param.choices)}]
+    node("/sd/status")["DESCRIPTION"] = "the bridge's state, sent about once a second to osc.status_targets"
+    for key, tag in STATUS_TYPES.items():
+        entry = node(f"/sd/status/{key}")
+        raw = status.get(key, "" if tag == "s" else 0)
+        entry.update(TYPE=tag, ACCESS=READ, VALUE=[{"s": str, "f": float, "i": int}[tag](raw)])
+    return root
+
+
+def find(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
+    current = tree
+    for part in [p for p in path.split("/") if p]:
+        current = current.get("CONTENTS", {}).get(part)
+        if current is None:
+            return None
+    return current
+
+
+class OscQueryServer:
+    """Serves the namespace on `port` (0 = any free port) in its own thread."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        osc_port: int,
+        values: Callable[[], Mapping[str, Any]],
+        status: Callable[[], Mapping[str, Any]],
+        name: str = "sdbridge",
+        advertise: bool = True,
+    ) -> None:
+        self.name = name
+        self.osc_port = osc_port
+        self._values, self._status = values, status
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server._answer(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("oscquery: " + format, *args)
+
+        try:
+            self._http = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise OSError(
+                f"OSCQuery cannot listen on http://{host}:{port}/: {exc.strerror or exc}; set oscquery.port"
+            ) from None
+        self._http.daemon_threads = True
+        self.port = int(self._http.server_address[1])
+        self.host = host
+        self._thread = threading.Thread(target=self._http.serve_forever, name="oscquery", daemon=True)
+        self._zeroconf: Any = None
+        self._services: list[Any] = []
+        if advertise:
+            self._advertise()
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("OSCQuery on http://%s:%d/", self.host, self.port)
+
+    def host_info(self) -> dict[str, Any]:
+        return {
+            "NAME": self.name,
+            "OSC_PORT": self.osc_port,
+            "OSC_TRANSPORT": "UDP",
+            "EXTENSIONS": {
+                "ACCESS": True,
+                "VALUE": True,
+                "RANGE": True,
+                "DESCRIPTION": True,
+                "TAGS": False,
+                "LISTEN": False,
+                "PATH_CHANGED": False,
+            },
+        }
+
+    def _answer(self, request: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(request.path)
+        if url.query == "HOST_INFO":
+            self._send(request, 200, self.host_info())
+            return
+        tree = build_tree(self._values(), self._status())
+        target = find(tree, url.path)
+        if target is None:
+            self._send(request, 404, {"error": f"no OSC node at {url.path}"})
+            return
+        if url.query:
+            attribute = url.query.upper()
+            if attribute not in target:
+                self._send(request, 204, None)  # the spec's answer for an attribute a node lacks
+                return
+            self._send(request, 200, {attribute: target[attribute]})
+            return
+        self._send(request, 200, target)
+
+    @staticmethod
+    def _send(request: BaseHTTPRequestHandler, code: int, body: Any) -> None:
+        data = b"" if body is None else json.dumps(body).encode("utf-8")
+        request.send_response(code)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    def _advertise(self) -> None:
+        try:
+            zeroconf = importlib.import_module("zeroconf")
+        except ImportError:
+            log.info(
+                'OSCQuery: zeroconf is not installed, so it is not announced (pip install "streamdiffusion-bridge[oscquery]")'
+            )
+            return
+        try:
+            address = (
+                socket.gethostbyname(socket.gethostname()) if self.host in ("", "0.0.0.0") else self.host
+            )
+            self._zeroconf = zeroconf.Zeroconf()
+            for kind, port in (("_oscjson._tcp.local.", self.port), ("_osc._udp.local.", self.osc_port)):
+                info = zeroconf.ServiceInfo(
+                    kind, f"{self.name}.{kind}", addresses=[socket.inet_aton(address)], port=port
+                )
+                self._zeroconf.register_service(info)
+                self._services.append(info)
+        except Exception as exc:  # no multicast here: the HTTP side still works
+            log.warning("OSCQuery: could not announce over mDNS (%s); clients can still use the address", exc)
+
+    def close(self) -> None:
+        if self._zeroconf is not None:
+            for info in self._services:
+                self._zeroconf.unregister_service(info)
+            self._zeroconf.close()
+            self._zeroconf = None
+        if self._thread.is_alive():
+            self._http.shutdown()
+        self._http.server_close()
