@@ -101,7 +101,7 @@ def test_a_busy_port_names_the_setting() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(
-            OSError, match=r"OSCQuery cannot listen on http://127\.0\.0\.1:\d+/: .*set oscquery\.port"
+            OSError, match=r"OSCQuery cannot listen on http://127\.0\.0\.1:\d+/: .*set osc\.oscquery_port"
         ):
             OscQueryServer(
                 host="127.0.0.1", port=port, osc_port=7000, values=dict, status=dict, advertise=False

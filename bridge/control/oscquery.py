@@ -134,7 +134,7 @@ class OscQueryServer:
             self._http = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
             raise OSError(
-                f"OSCQuery cannot listen on http://{host}:{port}/: {exc.strerror or exc}; set oscquery.port"
+                f"OSCQuery cannot listen on http://{host}:{port}/: {exc.strerror or exc}; set osc.oscquery_port"
             ) from None
         self._http.daemon_threads = True
         self.port = int(self._http.server_address[1])
