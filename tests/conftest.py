@@ -34,6 +34,22 @@ def tiny_sdxl_pipe(model_cache: Path) -> Any:
     return load_pipeline("tiny-sdxl", LoadOptions(cache_dir=model_cache))
 
 
+def tiny_bridge(tiny_pipe: Any, overrides: list[str], size: int = 64, **kwargs: Any) -> Any:
+    """A `Bridge` on the tiny model at `size`, with no outputs but the ones `kwargs` brings
+    (`sinks=`, `source=`), configured by `--set`-style `overrides`."""
+    from bridge.config import load_config
+    from bridge.engine import StreamEngine
+    from bridge.runtime import Bridge, EngineDriver
+
+    base = ["output.kind=null", "extra_outputs=[]", f"engine.width={size}", f"engine.height={size}"]
+    config = load_config(None, [*base, *overrides])
+
+    def factory(cfg: Any) -> EngineDriver:
+        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=size, height=size, cfg_type="self"))
+
+    return Bridge(config, engine_factory=factory, **kwargs)
+
+
 def pattern(k: int, size: int = 64) -> torch.Tensor:
     """A smooth moving test frame k, (1, 3, size, size) float in [0, 1]."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")

@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from bridge.config import load_config
-from bridge.engine import StreamEngine
 from bridge.params import LIVE, Kind
-from bridge.runtime import Bridge, EngineDriver, in_background
+from bridge.runtime import in_background
 from tests import obspython_standin
+from tests.conftest import tiny_bridge
 from tests.obspython_standin import Data, string_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,23 +210,7 @@ def test_a_real_udp_round_trip_reaches_a_running_bridge(script: ModuleType, tiny
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = load_config(
-        None,
-        [
-            "output.kind=null",
-            "extra_outputs=[]",
-            f"osc.port={port}",
-            "osc.status_targets=[]",
-            "engine.width=64",
-            "engine.height=64",
-            "runtime.fps=0",
-        ],
-    )
-
-    def factory(cfg: Any) -> EngineDriver:
-        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=64, height=64, cfg_type="self"))
-
-    bridge = Bridge(config, engine_factory=factory)
+    bridge = tiny_bridge(tiny_pipe, [f"osc.port={port}", "osc.status_targets=[]", "runtime.fps=0"])
     with in_background(bridge, start_timeout_s=120):
         settings = Data()
         settings.values.update(host="127.0.0.1", port=port)

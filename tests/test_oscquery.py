@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from bridge.config import load_config
 from bridge.control.oscquery import OscQueryServer, build_tree, find
-from bridge.engine import StreamEngine
 from bridge.params import LIVE, Kind, ParamStore
-from bridge.runtime import Bridge, EngineDriver, in_background
+from bridge.runtime import in_background
+from tests.conftest import tiny_bridge
 
 
 def get(url: str) -> tuple[int, Any]:
@@ -35,24 +34,8 @@ def free_port(kind: int) -> int:
 
 def test_a_running_bridge_describes_every_parameter(tiny_pipe: Any) -> None:
     osc_port, query_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
-    config = load_config(
-        None,
-        [
-            "output.kind=null",
-            "extra_outputs=[]",
-            f"osc.port={osc_port}",
-            f"osc.oscquery_port={query_port}",
-            "osc.status_targets=[]",
-            "engine.width=64",
-            "engine.height=64",
-            "params.guidance=2.5",
-        ],
-    )
-
-    def factory(cfg: Any) -> EngineDriver:
-        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=64, height=64, cfg_type="self"))
-
-    bridge = Bridge(config, engine_factory=factory)
+    overrides = [f"osc.port={osc_port}", f"osc.oscquery_port={query_port}", "osc.status_targets=[]"]
+    bridge = tiny_bridge(tiny_pipe, [*overrides, "params.guidance=2.5"])
     with in_background(bridge, start_timeout_s=120):
         base = f"http://127.0.0.1:{query_port}"
         code, tree = get(base + "/")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from bridge.config import load_config
-from bridge.engine import StreamEngine
 from bridge.frames import Frame
-from bridge.runtime import Bridge, EngineDriver, Mailbox, OutputInfo, in_background
+from bridge.runtime import Bridge, Mailbox, OutputInfo, in_background
 from bridge.transports.base import MissingExtra
 from bridge.transports.synthetic import test_pattern as pattern_frame
+from tests.conftest import tiny_bridge
 
 SIZE = 64
 
@@ -74,13 +74,8 @@ def _opener(sink: RecordingSink) -> Callable[[], RecordingSink]:
 def running(
     tiny_pipe: Any, overrides: list[str], sinks: list[tuple[str, RecordingSink]], source: GatedSource
 ) -> Iterator[tuple[Bridge, list[OutputInfo]]]:
-    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *overrides])
-
-    def factory(cfg: Any) -> EngineDriver:
-        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
-
     openers = [(label, _opener(sink)) for label, sink in sinks]
-    bridge = Bridge(config, engine_factory=factory, sinks=openers, source=source)
+    bridge = tiny_bridge(tiny_pipe, ["osc.enabled=false", *overrides], SIZE, sinks=openers, source=source)
     with in_background(bridge, start_timeout_s=120) as infos:
         yield bridge, infos
 
@@ -156,18 +151,9 @@ class FlakySink(RecordingSink):
 
 
 def test_a_sink_that_cannot_open_yet_is_retried_and_recovers(tiny_pipe: Any) -> None:
-    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
     late, flaky = FlakySink(open_failures=2), FlakySink(write_failures=4)
-
-    def factory(cfg: Any) -> EngineDriver:
-        return EngineDriver(StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="self"))
-
-    bridge = Bridge(
-        config,
-        engine_factory=factory,
-        sinks=[("late", late.opener), ("flaky", flaky.opener)],
-        source=GatedSource(),
-    )
+    sinks = [("late", late.opener), ("flaky", flaky.opener)]
+    bridge = tiny_bridge(tiny_pipe, ["osc.enabled=false", *CONFIG], SIZE, sinks=sinks, source=GatedSource())
     with in_background(bridge, start_timeout_s=120):
         assert bridge.status_dict()["outputs"]["late"]["state"] in ("opening", "reopening")
         wait_for(lambda: len(late.frames) >= 3)
