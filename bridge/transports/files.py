@@ -18,7 +18,8 @@ from bridge.transports.synthetic import Pacer
 log = logging.getLogger(__name__)
 
 
-def _cv2(what: str) -> Any:
+def cv2_module(what: str) -> Any:
+    """OpenCV, or the error that names the `video` extra."""
     try:
         import cv2
     except ImportError:
@@ -66,7 +67,7 @@ class VideoSource:
     """A video file decoded with OpenCV at its own frame rate (or `fps`), looped at the end."""
 
     def __init__(self, *, path: str, fps: float = 0.0, loop: bool = True) -> None:
-        cv2 = _cv2("the video input")
+        cv2 = cv2_module("the video input")
         self.path = _existing(path, "the video input")
         self._cap = cv2.VideoCapture(str(self.path))
         if not self._cap.isOpened():
@@ -107,7 +108,7 @@ class CameraSource:
     None, and the device is reopened about once a second until it comes back."""
 
     def __init__(self, *, device: int = 0, reopen_s: float = 1.0) -> None:
-        self._cv2 = _cv2("the camera input")
+        self._cv2 = cv2_module("the camera input")
         self.device = device
         self.reopen_s = reopen_s
         self._cap = self._cv2.VideoCapture(device)

@@ -15,17 +15,32 @@ SOURCE_KINDS = ("synthetic", "image", "video", "camera", "shm", "spout", "syphon
 SINK_KINDS = ("shm", "preview", "null", "spout", "syphon", "ndi", "virtualcam")
 
 
-# kind -> (the vendor module it needs, the extra that installs it, the only OS it runs on)
-_VENDOR: dict[str, tuple[str, str, str | None]] = {
-    "video": ("cv2", "video", None),
-    "camera": ("cv2", "video", None),
-    "spout": ("SpoutGL", "spout", "win32"),
-    "syphon": ("syphon", "syphon", "darwin"),
-    "ndi": ("cyndilib", "ndi", None),
-    "virtualcam": ("pyvirtualcam", "virtualcam", None),
-}
-_WHAT = {"video": "The video input", "camera": "The camera input", "spout": "Spout", "syphon": "Syphon"}
-_WHAT |= {"ndi": "NDI", "virtualcam": "The virtual camera"}
+VENDOR_KINDS = ("video", "camera", "spout", "syphon", "ndi", "virtualcam")  # need an optional library
+
+
+def _load_vendor(kind: str) -> None:
+    """Import the library `kind` needs through its own module's loader, the one opening it
+    uses, so the errors are the same ones."""
+    if kind in ("video", "camera"):
+        from bridge.transports.files import cv2_module
+
+        cv2_module(f"the {kind} input")
+    elif kind == "spout":
+        from bridge.transports.spout import spoutgl
+
+        spoutgl()
+    elif kind == "syphon":
+        from bridge.transports.syphon import syphon_modules
+
+        syphon_modules()
+    elif kind == "ndi":
+        from bridge.transports.ndi import cyndilib
+
+        cyndilib()
+    elif kind == "virtualcam":
+        from bridge.transports.virtualcam import pyvirtualcam
+
+        pyvirtualcam()
 
 
 def availability(kind: str) -> str:
@@ -36,13 +51,10 @@ def availability(kind: str) -> str:
         raise ValueError(
             f"unknown kind {kind!r}; valid kinds: {', '.join(dict.fromkeys(SOURCE_KINDS + SINK_KINDS))}"
         )
-    if kind not in _VENDOR:
+    if kind not in VENDOR_KINDS:
         return ""
-    from bridge.transports.base import import_vendor
-
-    module, extra, platform = _VENDOR[kind]
     try:
-        import_vendor(module, what=_WHAT[kind], extra=extra, platform=platform)
+        _load_vendor(kind)
     except (ImportError, RuntimeError) as exc:
         return str(exc)
     if kind == "virtualcam":
