@@ -108,6 +108,13 @@ class MidiMapping:
     mode: str = "toggle"  # on/off parameters: toggle (each press flips) | momentary (on while held)
 
 
+def mapping_fields(m: MidiMapping) -> dict[str, Any]:
+    """A mapping as config data: `param`, then the fields that differ from their defaults."""
+    defaults = MidiMapping(param=m.param)
+    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+    return {k: v for k, v in fields.items() if k == "param" or v != getattr(defaults, k)}
+
+
 @dataclass(frozen=True)
 class MidiConfig:
     enabled: bool = False
@@ -400,8 +407,7 @@ def add_midi_mapping(path: str | Path, mapping: MidiMapping) -> str:
     raw = yaml.safe_load(text) if text.strip() else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    entry = {k: v for k, v in dataclasses.asdict(mapping).items() if v != getattr(MidiMapping(param=""), k)}
-    entry["param"] = mapping.param
+    entry = mapping_fields(mapping)
     if "midi" not in raw:
         block = f"midi:\n  enabled: true\n  mappings:\n    - {mapping_yaml(mapping)}\n"
         p.write_text(text + ("" if not text or text.endswith("\n") else "\n") + block, encoding="utf-8")

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from bridge.config import MidiMapping
+from bridge.config import MidiMapping, mapping_fields
 from bridge.params import BY_NAME, LIVE, Kind, Param, ParamError, coerce
 from bridge.transports.base import import_vendor
 
@@ -189,13 +189,7 @@ def learn(messages: Iterable[Any], param_name: str, *, timeout_hint: str = "") -
 
 def mapping_yaml(m: MidiMapping) -> str:
     """One `midi.mappings` entry as a YAML flow mapping, defaults left out."""
-    defaults = MidiMapping(param=m.param)
-    fields = [f"param: {m.param}"]
-    for key in ("cc", "note", "channel", "min", "max", "curve", "takeover", "mode"):
-        value = getattr(m, key)
-        if value != getattr(defaults, key):
-            fields.append(f"{key}: {value}")
-    return "{" + ", ".join(fields) + "}"
+    return "{" + ", ".join(f"{key}: {value}" for key, value in mapping_fields(m).items()) + "}"
 
 
 # ------------------------------------------------------------------------------ real ports
