@@ -49,10 +49,6 @@ def _type_tag(param: Param, value: Any) -> str:
     return {Kind.FLOAT: "f", Kind.INT: "i"}.get(param.kind, "s")
 
 
-def _value(param: Param, value: Any) -> list[Any]:
-    return osc_args(param, value)
-
-
 def build_tree(values: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
     """The whole OSCQuery namespace as nested nodes."""
     root: dict[str, Any] = {"FULL_PATH": "/", "ACCESS": 0, "CONTENTS": {}}
@@ -71,7 +67,7 @@ def build_tree(values: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str
         entry.update(
             TYPE=_type_tag(param, value),
             ACCESS=READ | WRITE,
-            VALUE=_value(param, value),
+            VALUE=osc_args(param, value),
             DESCRIPTION=param.doc,
         )
         if param.numeric and param.minimum is not None and param.maximum is not None:

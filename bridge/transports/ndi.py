@@ -161,11 +161,6 @@ class NdiSink:
     def close(self) -> None:
         self._stop_sender()
 
-    @property
-    def connections(self) -> int:
-        """Receivers connected right now (0 when not sending)."""
-        return int(self._sender.get_num_connections(0.0)) if self._sender is not None else 0
-
 
 class NdiSource:
     """Receives from the NDI source `name`: the full NDI name ("MACHINE (stream)") or just the

@@ -55,7 +55,6 @@ class SpoutSink:
         _gl_context(sender, "sender")
         sender.setSenderName(self.name)
         self._sender: Any = sender
-        self.size: tuple[int, int] | None = None
 
     def write(self, frame: Frame) -> None:
         if self._sender is None:
@@ -64,7 +63,6 @@ class SpoutSink:
         height, width = pixels.shape[:2]
         if not self._sender.sendImage(pixels, width, height, self._gl_format, self.flip, 0):
             raise OSError(f"Spout sender {self.name!r}: sendImage refused a {width}x{height} frame")
-        self.size = (width, height)
 
     def close(self) -> None:
         sender, self._sender = self._sender, None
