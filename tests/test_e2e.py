@@ -234,22 +234,13 @@ def test_status_and_get_over_udp(bridge: Running) -> None:
 
 
 def test_sdbridge_send_command(bridge: Running) -> None:
-    port = str(bridge.osc[1])
-    out = subprocess.run(
-        [*SDBRIDGE, "send", "--port", port, "/sd/get", "seed"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*SDBRIDGE, "send", "--port", str(bridge.osc[1]), *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    out = send("/sd/get", "seed")
     assert out.returncode == 0 and out.stdout.strip() == "/sd/seed 2"
-    out = subprocess.run(
-        [*SDBRIDGE, "send", "--port", port, "/sd/model", "x"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = send("/sd/model", "x")
     assert out.returncode == 1 and out.stdout.startswith("/sd/error /sd/model model is config-only")
 
 
