@@ -91,6 +91,37 @@ def test_reader_rejects_a_slot_the_writer_is_overwriting() -> None:
         writer.close()
 
 
+def test_a_resize_while_the_reader_reads_the_header_is_not_mixed_into_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The interleaving the cross-process test once hit: the reader has the old (larger) width and
+    height when the writer swaps in a smaller layout, then reads the new stride and segment."""
+    from bridge.transports import shmring
+
+    name = unique("mixed")
+    writer = ShmWriter(name, slot_count=2)
+    reader = ShmReader(name)
+    real_get, resized = shmring._get, []
+
+    def get_then_resize(buf: memoryview, field: tuple[int, str], base: int = 0) -> tuple[object, ...]:
+        got = real_get(buf, field, base)
+        if field is shmring._LAYOUT and not resized:
+            resized.append(True)
+            writer.write(np.full((8, 8, 3), 5, np.uint8), fmt="rgb", source_seq=2)
+        return got
+
+    try:
+        writer.write(np.full((120, 200, 4), 1, np.uint8), source_seq=1)
+        monkeypatch.setattr(shmring, "_get", get_then_resize)
+        got = reader.read()
+        assert resized and got is not None
+        assert got[0].shape == (8, 8, 3) and got[1].source_seq == 2 and int(got[0].max()) == 5
+    finally:
+        monkeypatch.undo()
+        reader.close()
+        writer.close()
+
+
 def test_reader_states_and_writer_restart() -> None:
     name = unique("restart")
     reader = ShmReader(name)

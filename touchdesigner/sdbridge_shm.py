@@ -264,6 +264,8 @@ class ShmReader:
             (stride,) = _get(buf, _SLOT_STRIDE)
             data_name = bytes(_get(buf, _DATA_NAME)[0]).rstrip(b"\0")  # type: ignore[call-overload]
             latest_seq, slot = _get(buf, _LATEST)
+            if _get(buf, _LAYOUT_SEQ)[0] != layout_seq:
+                continue  # the writer began a resize while the header was read: it may be mixed
             if not data_name or latest_seq == 0:
                 self.state = "connected, no frame yet"
                 return None
@@ -282,6 +284,10 @@ class ShmReader:
             assert isinstance(slot, int) and isinstance(stride, int)
             data, base = self._data.buf, slot * stride
             shape = (int(height), int(width), int(channels))  # type: ignore[call-overload]
+            if len(data) < base + SLOT_HEADER + shape[0] * shape[1] * shape[2]:
+                self._data.close()  # not this header's segment (a writer restarted under the name)
+                self._data, self._data_name = None, b""
+                continue
             commit = _get(data, _COMMIT_SEQ, base)[0]
             src = np.ndarray(shape, np.uint8, data, offset=base + SLOT_HEADER)  # type: ignore[arg-type]
             if out is None or out.shape != shape or out.dtype != np.uint8:
