@@ -34,10 +34,14 @@ def expected(seq: int) -> np.ndarray:
     return (BASE[: w * h * c] + np.uint8(seq % 251)).reshape(h, w, c)
 
 
-def torture_writer(name: str, frames: int, ready: mp.synchronize.Event) -> None:
+def torture_writer(name: str, ready: mp.synchronize.Event, enough: mp.synchronize.Event) -> None:
+    """Writes at full speed until the reader has seen enough (or 60 s): on a loaded machine the
+    reader may be scheduled rarely, and a fixed frame count could end before it read any."""
     writer = ShmWriter(name, slot_count=2)  # two slots: the writer reuses each one constantly
     ready.set()
-    for seq in range(1, frames + 1):
+    seq, deadline = 0, time.monotonic() + 60
+    while not (seq % 100 == 0 and (enough.is_set() or time.monotonic() > deadline)):
+        seq += 1
         px = expected(seq)
         writer.write(px, fmt="rgba" if px.shape[2] == 4 else "rgb", source_seq=seq)
     time.sleep(0.5)
@@ -47,8 +51,8 @@ def torture_writer(name: str, frames: int, ready: mp.synchronize.Event) -> None:
 def test_no_torn_frames_across_processes_with_resizes() -> None:
     name = unique("torn")
     ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=torture_writer, args=(name, 6000, ready))
+    ready, enough = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=torture_writer, args=(name, ready, enough))
     proc.start()
     assert ready.wait(30)
     reader = ShmReader(name)
@@ -63,6 +67,8 @@ def test_no_torn_frames_across_processes_with_resizes() -> None:
             bad.append(info)
         checked += 1
         generations.add(info.generation)
+        if checked >= 1000 and len(generations) >= 8:
+            enough.set()
     proc.join(10)
     reader.close()
     assert not bad, f"{len(bad)} torn or mixed frames of {checked}, first {bad[0]}"
