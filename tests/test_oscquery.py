@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
+import uuid
 from typing import Any
 
 import pytest
 
-from bridge.control.oscquery import OscQueryServer, build_tree, find
+from bridge.control.oscquery import OscQueryServer, announced_addresses, build_tree, find
 from bridge.params import LIVE, Kind, ParamStore
 from bridge.runtime import in_background
 from tests.conftest import tiny_bridge
@@ -34,7 +36,12 @@ def free_port(kind: int) -> int:
 
 def test_a_running_bridge_describes_every_parameter(tiny_pipe: Any) -> None:
     osc_port, query_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
-    overrides = [f"osc.port={osc_port}", f"osc.oscquery_port={query_port}", "osc.status_targets=[]"]
+    overrides = [
+        f"osc.port={osc_port}",
+        f"osc.oscquery_port={query_port}",
+        "osc.oscquery_advertise=false",  # mDNS has its own test below
+        "osc.status_targets=[]",
+    ]
     bridge = tiny_bridge(tiny_pipe, [*overrides, "params.guidance=2.5"])
     with in_background(bridge, start_timeout_s=120):
         base = f"http://127.0.0.1:{query_port}"
@@ -61,8 +68,6 @@ def test_a_running_bridge_describes_every_parameter(tiny_pipe: Any) -> None:
         for _ in range(200):
             if get(base + "/sd/guidance?VALUE")[1] == {"VALUE": [4.0]}:
                 break
-            import time
-
             time.sleep(0.02)
         assert get(base + "/sd/guidance?VALUE") == (200, {"VALUE": [4.0]})
         assert get(base + "/sd/guidance/norm?VALUE") == (200, {"VALUE": [0.4]})
@@ -89,3 +94,36 @@ def test_a_busy_port_names_the_setting() -> None:
             OscQueryServer(
                 host="127.0.0.1", port=port, osc_port=7000, values=dict, status=dict, advertise=False
             )
+
+
+def test_two_bridges_of_one_name_are_both_announced_over_mdns() -> None:
+    """Real mDNS (zeroconf, multicast on this machine): a client resolves each bridge's OSCQuery
+    and OSC services to their ports; the second bridge of the same name is renamed, not refused."""
+    zeroconf = pytest.importorskip("zeroconf")  # in the dev extra, so CI runs it
+    name = f"sdbridge-test-{uuid.uuid4().hex[:8]}"
+    servers = [
+        OscQueryServer(host="127.0.0.1", port=0, osc_port=osc, values=dict, status=dict, name=name)
+        for osc in (7100, 7101)
+    ]
+    client = zeroconf.Zeroconf()
+    try:
+        names = [server.announced_name for server in servers]
+        assert names[0] == name and names[1] != name and names[1].startswith(name), names
+        for server, announced in zip(servers, names, strict=True):
+            for kind, port in (("_oscjson._tcp.local.", server.port), ("_osc._udp.local.", server.osc_port)):
+                info = client.get_service_info(kind, f"{announced}.{kind}", timeout=3000)
+                assert info is not None, f"{announced}.{kind} not resolved"
+                assert info.port == port and info.parsed_addresses() == ["127.0.0.1"]
+    finally:
+        client.close()
+        for server in servers:
+            server.close()
+
+
+def test_a_wildcard_bind_announces_the_machines_outside_addresses() -> None:
+    assert announced_addresses("0.0.0.0", ["127.0.0.1", "10.0.0.5", "192.168.1.9"]) == [
+        "10.0.0.5",
+        "192.168.1.9",
+    ]
+    assert announced_addresses("", ["127.0.0.1"]) == ["127.0.0.1"]
+    assert announced_addresses("127.0.0.1", ["10.0.0.5"]) == ["127.0.0.1"]

@@ -100,6 +100,21 @@ def find(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
     return current
 
 
+def announced_addresses(host: str, machine: list[str]) -> list[str]:
+    """The IPv4 addresses to announce for a server bound to `host`: that address, or for a
+    wildcard bind every address of the machine but loopback (other machines cannot use it),
+    loopback only when the machine has nothing else."""
+    if host not in ("", "0.0.0.0"):
+        return [socket.gethostbyname(host)]
+    outside = [a for a in machine if not a.startswith("127.")]
+    return outside or ["127.0.0.1"]
+
+
+def default_name() -> str:
+    """ "sdbridge@HOST": several bridges on one network are told apart by their machine."""
+    return f"sdbridge@{socket.gethostname().split('.')[0]}"
+
+
 class OscQueryServer:
     """Serves the namespace on `port` (0 = any free port) in its own thread."""
 
@@ -111,10 +126,10 @@ class OscQueryServer:
         osc_port: int,
         values: Callable[[], Mapping[str, Any]],
         status: Callable[[], Mapping[str, Any]],
-        name: str = "sdbridge",
+        name: str = "",
         advertise: bool = True,
     ) -> None:
-        self.name = name
+        self.name = name or default_name()
         self.osc_port = osc_port
         self._values, self._status = values, status
         server = self
@@ -198,18 +213,31 @@ class OscQueryServer:
             )
             return
         try:
-            address = (
-                socket.gethostbyname(socket.gethostname()) if self.host in ("", "0.0.0.0") else self.host
-            )
+            ifaddr = importlib.import_module("ifaddr")  # zeroconf's own dependency
+            machine = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4]
+            addresses = announced_addresses(self.host, machine)
             self._zeroconf = zeroconf.Zeroconf()
             for kind, port in (("_oscjson._tcp.local.", self.port), ("_osc._udp.local.", self.osc_port)):
                 info = zeroconf.ServiceInfo(
-                    kind, f"{self.name}.{kind}", addresses=[socket.inet_aton(address)], port=port
+                    kind,
+                    f"{self.name}.{kind}",
+                    addresses=[socket.inet_aton(a) for a in addresses],
+                    port=port,
+                    server=f"{socket.gethostname().split('.')[0]}.local.",
                 )
-                self._zeroconf.register_service(info)
+                # a second bridge of the same name on the network becomes "NAME (2)", not an error
+                self._zeroconf.register_service(info, allow_name_change=True)
                 self._services.append(info)
+            log.info("OSCQuery announced over mDNS as %r on %s", self.announced_name, ", ".join(addresses))
         except Exception as exc:  # no multicast here: the HTTP side still works
             log.warning("OSCQuery: could not announce over mDNS (%s); clients can still use the address", exc)
+
+    @property
+    def announced_name(self) -> str:
+        """The instance name clients list ("" when not announced); zeroconf may have renamed it."""
+        if not self._services:
+            return ""
+        return str(self._services[0].name).removesuffix("." + self._services[0].type)
 
     def close(self) -> None:
         if self._zeroconf is not None:
