@@ -1,7 +1,8 @@
 """`sdbridge doctor`: what this machine can do, and whether the chosen config can run on it.
 
-It reports the OS and Python; torch, CUDA and the GPU; whether TensorRT is installed; and for
-every transport whether it is available, or why not and the fix. Nothing is opened: no camera
+It reports the OS and Python; torch, CUDA and the GPU; whether TensorRT is installed; for
+every transport whether it is available, or why not and the fix; and the same for the control
+surfaces that need a library (MIDI, the OSCQuery mDNS announcement), which never stop a config. Nothing is opened: no camera
 is grabbed, no sender started. The config is judged unable to run when a medium it uses is
 unavailable, when it asks for CUDA that torch cannot see, or when an offline hub model is not
 cached.
@@ -10,6 +11,7 @@ cached.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import platform
 import sys
 from pathlib import Path
@@ -67,6 +69,30 @@ def _transports() -> list[dict[str, Any]]:
             row["note"] = note
         rows.append(row)
     return rows
+
+
+def _controls(config: BridgeConfig) -> list[dict[str, Any]]:
+    """MIDI and the OSCQuery announcement: conveniences, so never a reason the config cannot run
+    (the bridge runs on without them), but worth knowing before the show."""
+    from bridge.control.midi import input_names
+    from bridge.transports.base import MissingExtra, TransportUnavailable
+
+    midi: dict[str, Any] = {"name": "midi", "enabled": config.midi.enabled}
+    try:
+        ports = input_names()
+    except (MissingExtra, TransportUnavailable, ImportError, OSError) as exc:
+        midi.update(available=False, reason=str(exc))
+    else:
+        midi.update(available=True, note=f"input ports: {', '.join(ports)}" if ports else "no input ports")
+    query: dict[str, Any] = {"name": "oscquery", "enabled": bool(config.osc.oscquery_port)}
+    if importlib.util.find_spec("zeroconf") is None:
+        query.update(
+            available=False,
+            reason='served over HTTP, but not announced over mDNS: zeroconf is not installed (pip install "streamdiffusion-bridge[oscquery]")',
+        )
+    else:
+        query.update(available=True, note="served over HTTP and announced over mDNS")
+    return [midi, query]
 
 
 def _model_problem(config: BridgeConfig) -> tuple[str, str]:
@@ -135,6 +161,7 @@ def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
         "torch": torch_info,
         "tensorrt": _tensorrt(),
         "transports": transports,
+        "controls": _controls(config),
         "config": {"source": config_label, **check_config(config, torch_info, transports)},
     }
 
@@ -155,6 +182,13 @@ def format_report(report: dict[str, Any]) -> str:
         if row.get("note"):
             state += f" ({row['note']})"
         lines.append(f"  {row['kind']:<11} {roles:<13} {state}")
+    lines.append("controls")
+    for row in report["controls"]:
+        state = "ok" if row["available"] else f"unavailable: {row['reason']}"
+        if row.get("note"):
+            state += f" ({row['note']})"
+        used = "in use" if row["enabled"] else "off"
+        lines.append(f"  {row['name']:<11} {used:<13} {state}")
     verdict = "can run" if cfg["can_run"] else "CANNOT run"
     lines.append(
         f"config     {cfg['source']}: {verdict} (input {cfg['input']}, outputs {', '.join(cfg['outputs'])}; "

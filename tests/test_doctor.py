@@ -74,6 +74,15 @@ def test_doctor_reports_this_linux_machine() -> None:
     assert rows["syphon"]["reason"] == SYPHON
     assert rows["virtualcam"]["reason"] == VIRTUALCAM and rows["virtualcam"]["roles"] == ["output"]
     assert rows["ndi"]["note"].startswith("NDI runtime ")
+    midi, query = report["controls"]  # the dev extra has mido, python-rtmidi and zeroconf
+    assert midi["name"] == "midi" and midi["enabled"] is False and midi["available"] is False
+    assert midi["reason"].startswith("no MIDI subsystem on this machine (SystemError: ")
+    assert query == {
+        "name": "oscquery",
+        "enabled": False,
+        "available": True,
+        "note": "served over HTTP and announced over mDNS",
+    }
     assert report["config"] == {
         "source": "the built-in defaults",
         "can_run": True,
