@@ -2,10 +2,10 @@
 
 It reports the OS and Python; torch, CUDA and the GPU; whether TensorRT is installed; for
 every transport whether it is available, or why not and the fix; and the same for the control
-surfaces that need a library (MIDI, the OSCQuery mDNS announcement), which never stop a config. Nothing is opened: no camera
-is grabbed, no sender started. The config is judged unable to run when a medium it uses is
-unavailable, when it asks for CUDA that torch cannot see, or when an offline hub model is not
-cached.
+surfaces that need a library (MIDI, the OSCQuery mDNS announcement), which never stop a
+config. Nothing is opened: no camera is grabbed, no sender started. The config is judged
+unable to run when a medium it uses is unavailable, when it asks for CUDA that torch cannot
+see, or when an offline hub model is not cached.
 """
 
 from __future__ import annotations
@@ -75,21 +75,18 @@ def _controls(config: BridgeConfig) -> list[dict[str, Any]]:
     """MIDI and the OSCQuery announcement: conveniences, so never a reason the config cannot run
     (the bridge runs on without them), but worth knowing before the show."""
     from bridge.control.midi import input_names
-    from bridge.transports.base import MissingExtra, TransportUnavailable
+    from bridge.control.oscquery import NOT_ANNOUNCED
 
     midi: dict[str, Any] = {"name": "midi", "enabled": config.midi.enabled}
     try:
         ports = input_names()
-    except (MissingExtra, TransportUnavailable, ImportError, OSError) as exc:
+    except (ImportError, OSError) as exc:  # the missing extra (MissingExtra), or no MIDI subsystem
         midi.update(available=False, reason=str(exc))
     else:
         midi.update(available=True, note=f"input ports: {', '.join(ports)}" if ports else "no input ports")
     query: dict[str, Any] = {"name": "oscquery", "enabled": bool(config.osc.oscquery_port)}
     if importlib.util.find_spec("zeroconf") is None:
-        query.update(
-            available=False,
-            reason='served over HTTP, but not announced over mDNS: zeroconf is not installed (pip install "streamdiffusion-bridge[oscquery]")',
-        )
+        query.update(available=False, reason=f"served over HTTP, but {NOT_ANNOUNCED}")
     else:
         query.update(available=True, note="served over HTTP and announced over mDNS")
     return [midi, query]
@@ -166,6 +163,12 @@ def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
     }
 
 
+def _state(row: dict[str, Any]) -> str:
+    """A transport's or a control's row: "ok (note)" or "unavailable: reason"."""
+    state = "ok" if row["available"] else f"unavailable: {row['reason']}"
+    return f"{state} ({row['note']})" if row.get("note") else state
+
+
 def format_report(report: dict[str, Any]) -> str:
     s, t, trt, cfg = report["system"], report["torch"], report["tensorrt"], report["config"]
     lines = [f"system     {s['os']} {s['os_release']} ({s['machine']}), Python {s['python']}"]
@@ -177,18 +180,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"tensorrt   {trt['version'] if trt['installed'] else trt['note']}")
     lines.append("transports")
     for row in report["transports"]:
-        roles = "+".join(row["roles"])
-        state = "ok" if row["available"] else f"unavailable: {row['reason']}"
-        if row.get("note"):
-            state += f" ({row['note']})"
-        lines.append(f"  {row['kind']:<11} {roles:<13} {state}")
+        lines.append(f"  {row['kind']:<11} {'+'.join(row['roles']):<13} {_state(row)}")
     lines.append("controls")
     for row in report["controls"]:
-        state = "ok" if row["available"] else f"unavailable: {row['reason']}"
-        if row.get("note"):
-            state += f" ({row['note']})"
-        used = "in use" if row["enabled"] else "off"
-        lines.append(f"  {row['name']:<11} {used:<13} {state}")
+        lines.append(f"  {row['name']:<11} {'in use' if row['enabled'] else 'off':<13} {_state(row)}")
     verdict = "can run" if cfg["can_run"] else "CANNOT run"
     lines.append(
         f"config     {cfg['source']}: {verdict} (input {cfg['input']}, outputs {', '.join(cfg['outputs'])}; "

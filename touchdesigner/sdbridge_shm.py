@@ -285,7 +285,8 @@ class ShmReader:
             data, base = self._data.buf, slot * stride
             shape = (int(height), int(width), int(channels))  # type: ignore[call-overload]
             if len(data) < base + SLOT_HEADER + shape[0] * shape[1] * shape[2]:
-                self._data.close()  # not this header's segment (a writer restarted under the name)
+                # a header that does not fit its segment (a faulty writer): never index past it
+                self._data.close()
                 self._data, self._data_name = None, b""
                 continue
             commit = _get(data, _COMMIT_SEQ, base)[0]

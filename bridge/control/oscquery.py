@@ -26,6 +26,9 @@ from bridge.params import LIVE, Kind, Param, osc_args
 log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2
+NOT_ANNOUNCED = (
+    'not announced over mDNS: zeroconf is not installed (pip install "streamdiffusion-bridge[oscquery]")'
+)
 STATUS_TYPES = {
     "state": "s",
     "mode": "s",
@@ -110,9 +113,13 @@ def announced_addresses(host: str, machine: list[str]) -> list[str]:
     return outside or ["127.0.0.1"]
 
 
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
 def default_name() -> str:
     """ "sdbridge@HOST": several bridges on one network are told apart by their machine."""
-    return f"sdbridge@{socket.gethostname().split('.')[0]}"
+    return f"sdbridge@{short_hostname()}"
 
 
 class OscQueryServer:
@@ -208,9 +215,7 @@ class OscQueryServer:
         try:
             zeroconf = importlib.import_module("zeroconf")
         except ImportError:
-            log.info(
-                'OSCQuery: zeroconf is not installed, so it is not announced (pip install "streamdiffusion-bridge[oscquery]")'
-            )
+            log.info("OSCQuery: %s", NOT_ANNOUNCED)
             return
         try:
             ifaddr = importlib.import_module("ifaddr")  # zeroconf's own dependency
@@ -223,7 +228,7 @@ class OscQueryServer:
                     f"{self.name}.{kind}",
                     addresses=[socket.inet_aton(a) for a in addresses],
                     port=port,
-                    server=f"{socket.gethostname().split('.')[0]}.local.",
+                    server=f"{short_hostname()}.local.",
                 )
                 # a second bridge of the same name on the network becomes "NAME (2)", not an error
                 self._zeroconf.register_service(info, allow_name_change=True)
