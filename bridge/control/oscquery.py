@@ -16,9 +16,9 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from bridge.params import LIVE, Kind, Param, osc_args
@@ -122,6 +122,80 @@ def default_name() -> str:
     return f"sdbridge@{short_hostname()}"
 
 
+def responder_interfaces(host: str, addresses: list[str]) -> list[str] | None:
+    """The interfaces the mDNS responder joins: those of the announced addresses, so a bridge
+    bound to loopback answers on loopback only; None (zeroconf's default, every interface) for
+    a wildcard bind."""
+    return None if host in ("", "0.0.0.0") else addresses
+
+
+def numbered_name(name: str, taken: Collection[str]) -> str:
+    """`name`, or "name (2)", "name (3)", ... : the first that is not in `taken`."""
+    candidate, number = name, 2
+    while candidate in taken:
+        candidate, number = f"{name} ({number})", number + 1
+    return candidate
+
+
+class _Responder:
+    """One zeroconf responder per process and set of interfaces, shared by every OSCQuery server
+    in the process and closed with the last of them.
+
+    Why shared, and why the name check below: zeroconf's own probe for a clash asks with the
+    unicast-response bit set (RFC 6762 section 8.1). Two responders on one machine both bind UDP 5353
+    with SO_REUSEPORT, and the kernel hands a unicast reply to only one of those sockets, often
+    the asker's own neighbour rather than the asker. So two bridges on one machine kept the same
+    name. Names taken in this process are known here for certain; other processes and machines
+    are asked with a multicast ("QM") question, whose answer every responder hears."""
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _shared: ClassVar[dict[tuple[str, ...] | None, _Responder]] = {}
+    LOOKUP_TIMEOUT_MS = 500
+
+    def __init__(self, zeroconf: Any, interfaces: list[str] | None) -> None:
+        self._module = zeroconf
+        self._key = None if interfaces is None else tuple(interfaces)
+        self.zc: Any = zeroconf.Zeroconf() if interfaces is None else zeroconf.Zeroconf(interfaces=interfaces)
+        self._users = 0
+        self._names: set[str] = set()
+
+    @classmethod
+    def acquire(cls, zeroconf: Any, interfaces: list[str] | None) -> _Responder:
+        key = None if interfaces is None else tuple(interfaces)
+        with cls._lock:
+            responder = cls._shared.get(key)
+            if responder is None:
+                responder = cls._shared[key] = cls(zeroconf, interfaces)
+            responder._users += 1
+            return responder
+
+    def unique_name(self, name: str) -> str:
+        """The first of "name", "name (2)", ... that no bridge in this process holds and no
+        responder answers for on the network; reserved for the caller."""
+        with self._lock:
+            while True:
+                candidate = numbered_name(name, self._names)
+                if not self._answered(candidate):
+                    self._names.add(candidate)
+                    return candidate
+                self._names.add(candidate)  # held elsewhere: skip it from now on
+
+    def _answered(self, instance: str) -> bool:
+        kind = "_oscjson._tcp.local."
+        question = self._module.DNSQuestionType.QM
+        found = self.zc.get_service_info(kind, f"{instance}.{kind}", self.LOOKUP_TIMEOUT_MS, question)
+        return found is not None
+
+    def release(self, names: Collection[str]) -> None:
+        """Gives back `names` and, with the last user, closes the responder."""
+        with self._lock:
+            self._names.difference_update(names)
+            self._users -= 1
+            if self._users == 0:
+                self.zc.close()
+                del self._shared[self._key]
+
+
 class OscQueryServer:
     """Serves the namespace on `port` (0 = any free port) in its own thread."""
 
@@ -158,7 +232,7 @@ class OscQueryServer:
         self.port = int(self._http.server_address[1])
         self.host = host
         self._thread = threading.Thread(target=self._http.serve_forever, name="oscquery", daemon=True)
-        self._zeroconf: Any = None
+        self._responder: _Responder | None = None
         self._services: list[Any] = []
         if advertise:
             self._advertise()
@@ -221,17 +295,18 @@ class OscQueryServer:
             ifaddr = importlib.import_module("ifaddr")  # zeroconf's own dependency
             machine = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4]
             addresses = announced_addresses(self.host, machine)
-            self._zeroconf = zeroconf.Zeroconf()
+            self._responder = _Responder.acquire(zeroconf, responder_interfaces(self.host, addresses))
+            instance = self._responder.unique_name(self.name)
             for kind, port in (("_oscjson._tcp.local.", self.port), ("_osc._udp.local.", self.osc_port)):
                 info = zeroconf.ServiceInfo(
                     kind,
-                    f"{self.name}.{kind}",
+                    f"{instance}.{kind}",
                     addresses=[socket.inet_aton(a) for a in addresses],
                     port=port,
                     server=f"{short_hostname()}.local.",
                 )
-                # a second bridge of the same name on the network becomes "NAME (2)", not an error
-                self._zeroconf.register_service(info, allow_name_change=True)
+                # zeroconf's own probe still renames ("NAME-2") on a clash it hears of in time
+                self._responder.zc.register_service(info, allow_name_change=True)
                 self._services.append(info)
             log.info("OSCQuery announced over mDNS as %r on %s", self.announced_name, ", ".join(addresses))
         except Exception as exc:  # no multicast here: the HTTP side still works
@@ -245,11 +320,12 @@ class OscQueryServer:
         return str(self._services[0].name).removesuffix("." + self._services[0].type)
 
     def close(self) -> None:
-        if self._zeroconf is not None:
+        if self._responder is not None:
             for info in self._services:
-                self._zeroconf.unregister_service(info)
-            self._zeroconf.close()
-            self._zeroconf = None
+                self._responder.zc.unregister_service(info)
+            self._responder.release([self.announced_name])
+            self._services.clear()
+            self._responder = None
         if self._thread.is_alive():
             self._http.shutdown()
         self._http.server_close()
