@@ -12,16 +12,22 @@ behaviour copies a Derivative page:
   views the output pulls it.
 - Parameters (derivative.ca/UserGuide/Par_Class): `val`, `expr`, `eval()`, `default`,
   `menuNames`/`menuLabels`; a Menu parameter takes only one of its menu names as its value or
-  default, so the names must exist first. An operator has only the parameters its Derivative
-  page lists: `getattr(node.par, "wrong", None)` is None. Custom parameter names are a capital
-  followed by lower-case letters and digits (derivative.ca/UserGuide/Custom_Parameters).
+  default, so the names must exist first (the page says menu values are its names; that a
+  value set before them is refused is issue 13's finding, to confirm inside TouchDesigner).
+  An operator has only the parameters its Derivative page lists: `getattr(node.par, "wrong",
+  None)` is None. Defaults the builder relies on: a new Execute DAT and Parameter Execute DAT
+  are active with their events off; a Syphon Spout In TOP follows the active sender (the
+  toggle `usespoutactivesender`, named as public TouchDesigner scripts set it; its Derivative
+  page is not in the stored copies). Custom parameter names are a capital followed by
+  lower-case letters and digits (derivative.ca/UserGuide/Custom_Parameters).
 - Storage (derivative.ca/UserGuide/Storage, OP_Class): saved with the .toe/.tox; a key given a
   startup value (`storeStartupValue`) is saved as that value instead of the live one. Saving
   here pickles what would be saved, so a live object (a process, a shared-memory reader) fails
   the save as it cannot be written into the file.
 - Script TOP (docs.derivative.ca/NumPy, scriptTOP_Class): `copyNumpyArray(array)` takes an
   (H, W, C) array of 1-4 channels, uint8/uint16/float32, read as RGBA with the first row at the
-  bottom; a view with negative strides is refused (the layout must be TouchDesigner's own).
+  bottom; a non-contiguous view (a flipped one has negative strides) is refused, as issue 13
+  reports; the stored Derivative pages do not say, so this too wants a check in TouchDesigner.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class SpoutWorld:
     wrong_thread: list[str] = field(default_factory=list)
     contexts_open: int = 0
     fail_context: bool = False
-    frame_count: bool = False  # SpoutSettings' "Framecount" (the registry key SpoutFrameCount.cpp:149 reads)
+    frame_count: bool = False  # SpoutSettings' "Framecount" (the registry key SpoutFrameCount.cpp:150 reads)
     readbacks: int = 0  # receives that copied pixels (each a GPU readback in real Spout)
 
 
