@@ -51,7 +51,7 @@ class SourceConfig:
     """The input. Fields a kind does not use are ignored by it."""
 
     kind: str = "synthetic"  # see bridge.transports.registry.SOURCE_KINDS
-    fps: float = 30.0  # synthetic and image: frames per second; video: 0 = the file's own rate
+    fps: float = 30.0  # synthetic, image: frames per second; video: 0 = the file's rate; spout: the sender's
     width: int = 0  # synthetic size; 0 = the engine's size
     height: int = 0
     path: str = ""  # image / video file
@@ -364,6 +364,11 @@ def _check(config: BridgeConfig, where: str) -> None:
             fail(f"{key}.port must be within [0, 65535], got {sink.port}")
         if sink.width < 0 or sink.height < 0 or sink.fps < 0:
             fail(f"{key}.width, height and fps must be >= 0 (0 = the bridge's own)")
+        if sink.kind == "virtualcam":
+            from bridge.transports.virtualcam import backend_problem
+
+            if problem := backend_problem(sink.backend):
+                fail(f"{key}.backend {problem}")
     if config.input.kind == "ndi" and not config.input.name:
         fail(
             'input.name must name the NDI source for input.kind=ndi (e.g. "sdbridge" or "STAGE-PC (sdbridge)")'

@@ -1,17 +1,22 @@
 """The TouchDesigner side, outside TouchDesigner: the checked-in parameter spec against the
-table, the component plan generated from it (pages, names, ranges, menus), and the code the
-builder puts into the component's DATs, run here against stand-ins for `op`, `parent` and the
-Script TOP: parameter changes reach the bridge's OSC control, status messages fill the table,
-Start/Stop run `sdbridge`, and the Script TOP reads a real shm ring.
+table, the component plan generated from it (pages, names, ranges, menus), the code the builder
+puts into the component's DATs, and the component itself, built by `apply_plan`/`build` into
+tests/td_standin.py, a stand-in that cooks, stores, saves and takes frames as TouchDesigner does
+(each behaviour cites its Derivative page there). Parameter changes reach the bridge's OSC
+control, status messages fill the table, Start/Stop run a real process, the shm return path
+cooks every frame from a real ring, and saving mid-show keeps no live object.
 
-Not run here: `apply_plan`/`build`, the thin layer of calls into TouchDesigner's `td` module."""
+Only TouchDesigner itself can confirm the operator parameter names and what it does with them;
+the stand-in holds the names Derivative documents."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "touchdesigner"))
 import build_component as tdb  # noqa: E402
 from sdbridge_shm import ShmWriter  # noqa: E402
+
+from tests import td_standin  # noqa: E402
 
 
 def test_the_checked_in_spec_is_the_parameter_table() -> None:
@@ -154,50 +161,6 @@ def test_a_bad_list_is_reported_not_sent() -> None:
     assert out.sent == [] and said and "Tindexlist" in said[0]
 
 
-class FakeComp:
-    def __init__(self, **pars: Any) -> None:
-        self.par = type("Pars", (), {k: FakePar(k, v) for k, v in pars.items()})()
-        self.stored: dict[str, Any] = {}
-
-    def store(self, key: str, value: Any) -> None:
-        self.stored[key] = value
-
-    def fetch(self, key: str, default: Any = None, storeDefault: bool = False) -> Any:
-        return self.stored.get(key, default)
-
-    def unstore(self, key: str) -> None:
-        self.stored.pop(key, None)
-
-
-def test_start_and_stop_run_sdbridge(monkeypatch: pytest.MonkeyPatch) -> None:
-    launched: list[list[str]] = []
-
-    class FakeProcess:
-        def __init__(self, command: list[str]) -> None:
-            launched.append(command)
-            self.terminated = False
-
-        def poll(self) -> int | None:
-            return 0 if self.terminated else None
-
-        def terminate(self) -> None:
-            self.terminated = True
-
-        def wait(self, timeout: float) -> int:
-            return 0
-
-    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
-    scope = run_dat(tdb.parexec_text(tdb.plan(tdb.load_spec())), op=lambda path: None, debug=print)
-    comp = FakeComp(Sdbridge="/venv/bin/sdbridge", Config="/shows/td.yaml", Port=7010, Statusport=7011)
-    scope["onPulse"](FakePar("Start", None, owner=comp))
-    assert launched == [
-        ["/venv/bin/sdbridge", "run", "-c", "/shows/td.yaml", "--set", "osc.port=7010", "--set", "osc.status_targets=['127.0.0.1:7011']"]
-    ]  # fmt: skip
-    process = comp.stored["sdbridge_process"]
-    scope["onPulse"](FakePar("Stop", None, owner=comp))
-    assert process.terminated and "sdbridge_process" not in comp.stored
-
-
 class FakeTable:
     def __init__(self) -> None:
         self.rows: dict[str, str] = {}
@@ -233,31 +196,164 @@ def test_status_messages_fill_the_status_table() -> None:
     }
 
 
-def test_the_script_top_reads_a_real_shm_ring() -> None:
+# ----------------------------------------------------------------- the component, built
+
+
+def built(platform: str = "linux") -> tuple[td_standin.Network, Any]:
+    """The component as `build` makes it, inside a stand-in TouchDesigner."""
+    network = td_standin.Network()
+    the_plan = tdb.plan(tdb.load_spec(), platform=platform)
+    comp = tdb.apply_plan(network.root, the_plan, td_standin.td_module(), folder=tdb.home())
+    return network, comp
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin", "linux"])
+def test_the_transport_menu_gets_its_names_before_its_default(platform: str) -> None:
+    """A menu parameter takes only one of its names as value or default (Par Class)."""
+    _, comp = built(platform)
+    transport = comp.par.Transport
+    assert transport.menuNames == [m for m, _ in tdb.TRANSPORTS[platform]]
+    assert transport.default == transport.val == tdb.TRANSPORTS[platform][0][0]
+
+
+# TouchDesigner reads a TOP's array bottom row first, channels RGB(A) (docs.derivative.ca/NumPy)
+TO_RING = {"rgba": [0, 1, 2, 3], "bgra": [2, 1, 0, 3], "rgb": [0, 1, 2], "bgr": [2, 1, 0]}
+
+
+@pytest.mark.parametrize("fmt", ["rgba", "bgra", "rgb", "bgr"])
+def test_the_shm_return_cooks_every_frame_in_touchdesigners_layout(fmt: str) -> None:
+    """A Script TOP without inputs cooks once and then only when what it reads changes
+    (derivative.ca/UserGuide/Cook), so the generated Execute DAT asks for a cook at every frame
+    start that brought a frame. Each frame reaches out1 rows bottom-up and channels RGB(A),
+    whatever the sink's format, as one contiguous array (copyNumpyArray refuses a flipped view)."""
+    network, comp = built()
     name = f"sdb_td_{uuid.uuid4().hex[:8]}"
+    comp.par.Transport = "shm"
+    comp.par.Receivename = name
+    clock, script, out = comp.op("shm_frame_clock"), comp.op("from_bridge_shm"), comp.op("out1")
+    assert clock.type.name == "executeDAT" and clock.par.active.eval() and clock.par.framestart.eval()
+    writer = ShmWriter(name)
+    rng = np.random.default_rng(5)
+    try:
+        for seq in range(1, 4):
+            rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+            writer.write(np.ascontiguousarray(rgba[..., TO_RING[fmt]]), fmt=fmt, source_seq=seq)
+            network.run_frame(out)
+            assert out.image is not None, f"frame {seq} did not reach out1"
+            assert np.array_equal(out.image, rgba[::-1, :, : len(TO_RING[fmt])]), f"frame {seq}"
+        assert script.cooks == 3  # one cook per frame that brought a new frame
+        network.run_frame(out)  # nothing new: no cook, the last frame stays
+        assert script.cooks == 3 and np.array_equal(out.image, rgba[::-1, :, : len(TO_RING[fmt])])
+        # without the clock's request nothing else makes it cook: the output would freeze
+        clock.par.active = False
+        writer.write(np.ascontiguousarray(rgba[::-1][..., TO_RING[fmt]]), fmt=fmt, source_seq=9)
+        network.run_frame(out)
+        assert script.cooks == 3
+    finally:
+        reader = script.fetch("reader", None, search=False)
+        if reader is not None:
+            reader.close()
+        writer.close()
+
+
+def write_fake_sdbridge(folder: Path) -> tuple[Path, Path]:
+    """An executable that records its arguments and runs until terminated, as `sdbridge run` does."""
+    argv_file, script = folder / "argv.json", folder / "sdbridge"
+    script.write_text(
+        f"#!{sys.executable}\nimport json, sys, time\n"
+        f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+        "time.sleep(60)\n"
+    )
+    script.chmod(0o755)
+    return script, argv_file
+
+
+def test_start_stop_and_a_save_mid_show(tmp_path: Path) -> None:
+    """Start runs the bridge as a real process; saving the component meanwhile (its storage is
+    saved with the .tox, derivative.ca/UserGuide/Storage) writes no process, reader or frame, and
+    Stop still ends the process afterwards."""
+    network, comp = built()
+    script_path, argv_file = write_fake_sdbridge(tmp_path)
+    name = f"sdb_td_{uuid.uuid4().hex[:8]}"
+    comp.par.Sdbridge, comp.par.Config, comp.par.Port, comp.par.Statusport = (
+        str(script_path),
+        "/shows/td.yaml",
+        7010,
+        7011,
+    )
+    comp.par.Transport, comp.par.Receivename = "shm", name
     writer = ShmWriter(name)
     try:
-        frame = np.random.default_rng(5).integers(0, 256, (24, 32, 4), dtype=np.uint8)
-        writer.write(frame, source_seq=1)
-        comp = FakeComp(Receivename=name)
-
-        class ScriptOp:
-            def __init__(self) -> None:
-                self.stored: dict[str, Any] = {}
-                self.copied: list[np.ndarray] = []
-
-            store = FakeComp.store
-            fetch = FakeComp.fetch
-
-            def copyNumpyArray(self, array: np.ndarray) -> None:
-                self.copied.append(np.array(array))
-
-        script_op = ScriptOp()
-        scope = run_dat(tdb.shm_script_top_text(), parent=lambda: comp)
-        scope["onCook"](script_op)
-        scope["onCook"](script_op)  # nothing new: nothing copied
-        assert len(script_op.copied) == 1
-        assert np.array_equal(script_op.copied[0], frame[::-1])  # TouchDesigner's rows run bottom-up
-        script_op.stored["reader"].close()
+        writer.write(np.zeros((8, 8, 4), np.uint8), source_seq=1)
+        network.run_frame(comp.op("out1"))
+        comp.par.Start.pulse()
+        process = comp.fetch("sdbridge_process", None, search=False)
+        assert process is not None and process.poll() is None
+        saved = comp.save(str(tmp_path / "show.tox"))  # raises StorageNotSaved for a live object
+        kept = {
+            (path.rsplit("/", 1)[-1], key): pickle.loads(value)
+            for path, entries in pickle.loads(Path(saved).read_bytes()).items()
+            for key, value in entries.items()
+        }
+        assert kept == {
+            ("StreamDiffusionBridge", "sdbridge_process"): None,
+            ("from_bridge_shm", "reader"): None,
+            ("from_bridge_shm", "frame"): None,
+        }
+        deadline = time.monotonic() + 10
+        while not argv_file.exists():
+            assert time.monotonic() < deadline, "the process never started"
+            time.sleep(0.02)
+        assert json.loads(argv_file.read_text()) == [
+            "run", "-c", "/shows/td.yaml", "--set", "osc.port=7010", "--set", "osc.status_targets=['127.0.0.1:7011']"
+        ]  # fmt: skip
+        comp.par.Stop.pulse()
+        assert process.poll() is not None and comp.fetch("sdbridge_process", None, search=False) is None
     finally:
+        process = comp.fetch("sdbridge_process", None, search=False)
+        if process is not None:
+            process.kill()
+            process.wait()
+        comp.op("from_bridge_shm").fetch("reader").close()
         writer.close()
+
+
+def test_ndi_in_takes_the_source_whose_stream_is_the_receive_name() -> None:
+    """NDI lists sources as "MACHINE (stream)" (NDI Out TOP page: "MACHINENAME (SourceName)");
+    the In TOP takes the one the NDI DAT lists with our stream part, or a full name as typed."""
+    _, comp = built("win32")
+    ndi_in, sources = comp.op("from_bridge_ndi"), comp.op("ndi_sources")
+    sources.appendRow(["STAGE-PC (Arena Output)", "192.168.1.20:5961"])
+    sources.appendRow(["STAGE-PC (sdbridge)", "192.168.1.20:5962"])
+    assert ndi_in.par.name.eval() == "STAGE-PC (sdbridge)"
+    comp.par.Receivename = "GPU-BOX (sdbridge)"  # a full name is used as it is
+    assert ndi_in.par.name.eval() == "GPU-BOX (sdbridge)"
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin"])
+def test_syphon_spout_in_takes_the_named_sender_only(platform: str) -> None:
+    """Left on, the In TOP's active-sender toggle can receive TouchDesigner's own output (a
+    feedback loop): it is turned off and the sender named."""
+    _, comp = built(platform)
+    shared_in = comp.op("from_bridge_syphonspout")
+    assert shared_in.par.usespoutactivesender.eval() is False
+    assert shared_in.par.sendername.eval() == comp.par.Receivename.eval() == "sdbridge"
+
+
+def test_the_builder_run_from_the_textport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exec(open(path).read()) in the Textport sets no __file__: without `folder` the builder
+    says how to run it; with it, it builds and saves the .tox."""
+    monkeypatch.setitem(sys.modules, "td", td_standin.td_module())
+    monkeypatch.chdir(tmp_path)  # TouchDesigner's working folder holds none of our files
+    textport: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile((ROOT / "touchdesigner" / "build_component.py").read_text(), "<Textport>", "exec"), textport)
+    network = td_standin.Network()
+    with pytest.raises(FileNotFoundError) as error:
+        textport["build"](network.root)
+    assert "as in the Textport, which leaves __file__ unset" in str(error.value)
+    assert 'build(op("/project1"), folder="/path/to/streamdiffusion-bridge/touchdesigner")' in str(
+        error.value
+    )
+    comp = textport["build"](network.root, folder=str(ROOT / "touchdesigner"), tox=tmp_path / "built.tox")
+    assert comp.op("out1") is not None and (tmp_path / "built.tox").is_file()
+    assert str(ROOT / "touchdesigner") in comp.op("shm_frame_clock").text

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bridge.config import SinkConfig, SourceConfig
+from bridge.config import ConfigError, SinkConfig, SourceConfig, load_config
 from bridge.frames import Frame
-from bridge.runtime import CaptureRunner, Mailbox, SinkRunner
+from bridge.runtime import FINAL_ERRORS, CaptureRunner, Mailbox, SinkRunner
 from bridge.transports.base import MissingExtra, SinkContext, TransportUnavailable
 from bridge.transports.registry import open_sink, open_source
 from tests.vendor_fakes import MTL_BGRA8, install_pyvirtualcam, install_spoutgl, install_syphon
@@ -164,6 +164,35 @@ def test_spout_receiver_follows_size_changes_and_a_vanished_sender(monkeypatch: 
     assert world.contexts_open == 0 and not world.wrong_thread
 
 
+@pytest.mark.parametrize("counted", [False, True])
+def test_spout_hands_each_sender_frame_on_once(monkeypatch: pytest.MonkeyPatch, counted: bool) -> None:
+    """Real Spout's isFrameNew() is true after every receive unless frame counting is on
+    (SpoutFrameCount.cpp:145, :540), so polling every 2 ms would hand the engine the same frame
+    again and again, each a full readback. A counted sender is followed by its frame number and
+    costs one readback per frame; an uncounted one is read at input.fps and a repeat is dropped."""
+    world = install_spoutgl(monkeypatch)
+    world.frame_count = counted
+    sink = open_sink(SinkConfig(kind="spout", name="TD"))
+    source = open_source(SourceConfig(kind="spout", name="TD", fps=30.0), width=64, height=64)
+    try:
+        sink.write(Frame(pattern(32, 16), 1))
+        first = read_until(source)
+        started = time.monotonic()
+        repeats = [source.read(0.02) for _ in range(15)]  # ~0.3 s of polling a sender that sent once
+        elapsed = time.monotonic() - started
+        assert repeats == [None] * 15  # no duplicate frame reaches the engine
+        if counted:
+            assert world.readbacks == 1  # Spout copies nothing for a frame already seen
+        else:
+            assert world.readbacks <= 2 + elapsed * 30.0  # at most one readback per sender frame
+        sink.write(Frame(pattern(32, 16, seq=4), 2))
+        second = read_until(source)
+        assert np.array_equal(second.pixels, pattern(32, 16, seq=4)) and second.seq == first.seq + 1
+    finally:
+        source.close()
+        sink.close()
+
+
 def test_spout_contexts_live_on_the_runner_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sink is opened, written and closed on its runner's thread, the receiver created,
     read and released on the capture thread: the fake refuses any call from another thread."""
@@ -219,6 +248,28 @@ def test_syphon_server_to_client_with_resize_and_return(monkeypatch: pytest.Monk
     source.close()
     back.close()
     assert world.clients == 0 and not world.servers
+
+
+def test_syphon_source_survives_a_frame_without_a_surface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Syphon's newFrameImage is nil when there is no surface to wrap, as when the server quits
+    between has_new_frame and the read: the source reads nothing, lets go of the dead server and
+    picks the next one up."""
+    world = install_syphon(monkeypatch)
+    monkeypatch.setattr("bridge.transports.syphon.DISCOVERY_INTERVAL_S", 0.0)
+    sink = open_sink(SinkConfig(kind="syphon", name="sdbridge"))
+    source = open_source(SourceConfig(kind="syphon", name="sdbridge"), width=8, height=8)
+    sink.write(Frame(pattern(8, 8), 1))
+    assert np.array_equal(read_until(source).pixels, pattern(8, 8))
+    sink.write(Frame(pattern(8, 8, seq=2), 2))
+    world.quit_before_image = "sdbridge"
+    assert source.read(0.05) is None  # no exception, no frame
+    assert world.clients == 0  # the client of the vanished server was stopped
+    back = open_sink(SinkConfig(kind="syphon", name="sdbridge"))
+    back.write(Frame(pattern(8, 8, seq=3), 1))
+    assert np.array_equal(read_until(source).pixels, pattern(8, 8, seq=3))
+    source.close()
+    back.close()
+    sink.close()
 
 
 def test_syphon_source_matches_the_app_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,28 +330,85 @@ def test_virtualcam_sends_rgb_or_bgr_at_the_camera_size_and_paces(monkeypatch: p
 
 
 @pytest.mark.parametrize(
-    "platform,hint",
+    "platform,drivers,hint",
     [
         (
             "linux",
+            "'v4l2loopback' backend: No v4l2 loopback device found at /dev/video[0-99]. Did you run "
+            "'modprobe v4l2loopback'?",
             "sudo apt install v4l2loopback-dkms && sudo modprobe v4l2loopback devices=1 exclusive_caps=1",
         ),
-        ("win32", "install OBS Studio 26 or newer (its Virtual Camera is the device"),
-        ("darwin", "click Start Virtual Camera once in OBS (macOS then registers the camera extension)"),
+        (
+            "win32",
+            "'obs' backend: OBS Virtual Camera device not found! Did you install OBS?\n"
+            "'unitycapture' backend: No camera registered. Did you install any camera?",
+            "install OBS Studio 26 or newer (its Virtual Camera is the device",
+        ),
+        (
+            "darwin",
+            "'obs' backend: OBS Virtual Camera is not installed in your system. Use the Virtual Camera "
+            "function in OBS 30.0 or later",
+            "click Start Virtual Camera once in OBS (macOS then registers the camera extension)",
+        ),
     ],
 )
 def test_virtualcam_without_a_driver_says_how_to_install_one(
-    monkeypatch: pytest.MonkeyPatch, platform: str, hint: str
+    monkeypatch: pytest.MonkeyPatch, platform: str, drivers: str, hint: str
 ) -> None:
+    """Each OS's own backends answer, in pyvirtualcam's words (one line per backend tried,
+    camera.py:219-224), followed by this OS's install hint."""
     world = install_pyvirtualcam(monkeypatch, platform=platform)
-    world.devices = []
+    world.devices, world.drivers = [], set()
     with pytest.raises(TransportUnavailable) as error:
         open_sink(SinkConfig(kind="virtualcam"), SinkContext(width=64, height=64))
     message = str(error.value)
-    assert message.startswith(
-        "no virtual camera could be opened ('v4l2loopback' backend: No v4l2 loopback device"
-    )
+    assert message.startswith(f"no virtual camera could be opened ({drivers}")
     assert "). To get one: " in message and hint in message
+
+
+@pytest.mark.parametrize(
+    "platform,backend,valid",
+    [
+        ("linux", "obs", "use v4l2loopback"),
+        ("win32", "v4l2loopback", "use obs or unitycapture"),
+        ("darwin", "unitycapture", "use obs"),
+        ("linux", "v4l2lopback", "use v4l2loopback"),  # a typo
+    ],
+)
+def test_virtualcam_backend_of_another_os_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, platform: str, backend: str, valid: str
+) -> None:
+    """pyvirtualcam raises KeyError for a backend its OS does not register (camera.py:206);
+    the runtime would retry that forever. The config refuses it, with the install hint, and a
+    sink opened anyway fails with a final error."""
+    install_pyvirtualcam(monkeypatch, platform=platform)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["output.kind=virtualcam", f"output.backend={backend}"])
+    message = str(error.value)
+    assert f"output.backend {backend!r} is not a virtual camera backend on " in message
+    assert valid in message and "To get a virtual camera: " in message
+    with pytest.raises(TransportUnavailable, match=r"^output\.backend ") as opened:
+        open_sink(SinkConfig(kind="virtualcam", backend=backend), SinkContext(width=64, height=64))
+    assert isinstance(opened.value, FINAL_ERRORS)
+
+
+def test_virtualcam_fake_raises_what_pyvirtualcam_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in itself, against pyvirtualcam's source: the real PixelFormat values, KeyError
+    for an unregistered backend, TypeError for a dtype other than uint8."""
+    install_pyvirtualcam(monkeypatch, platform="linux")
+    import pyvirtualcam
+
+    assert {f.name: f.value for f in pyvirtualcam.PixelFormat} == {
+        "RGB": "raw ", "BGR": "24BG", "RGBA": "ABGR", "GRAY": "J400",
+        "I420": "I420", "NV12": "NV12", "YUYV": "YUY2", "UYVY": "UYVY",
+    }  # fmt: skip
+    with pytest.raises(KeyError):
+        pyvirtualcam.Camera(8, 8, 30, backend="obs")
+    cam = pyvirtualcam.Camera(8, 8, 30)
+    with pytest.raises(TypeError, match="unexpected frame dtype: float32 != uint8"):
+        cam.send(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(RuntimeError, match=r"'v4l2loopback' backend: Unsupported image format\."):
+        pyvirtualcam.Camera(8, 8, 30, fmt=pyvirtualcam.PixelFormat.RGBA)
 
 
 def test_virtualcam_wrong_device_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,15 +9,28 @@ arguments against the vendor's documented API, raising as the real module would:
   format"). Spout needs an OpenGL context on the calling thread (`createOpenGL()`), so every call
   made from a thread other than the one that created the context raises here. A receiver's
   `receiveImage` returns True with `isUpdated()` set when it connects or the sender's size
-  changes, without copying; the caller re-allocates and receives again.
+  changes, without copying, and keeps returning True until `isUpdated()` is called
+  (vendor/SpoutGL/Spout.cpp:1838, :1861); the caller re-allocates and receives again. Once
+  connected, `receiveImage(None)` returns False (Spout.cpp:1876: "if (!pixels) return false").
+  Frame counting (SpoutFrameCount.cpp) is off unless SpoutSettings turns it on (`frame_count`
+  here): then `isFrameNew()` stays true after every receive (:145, :540), `getSenderFrame()` stays
+  0 and every receive copies the pixels; with it on, a receive of a frame already seen copies
+  nothing and `isFrameNew()` is false (:588; SpoutGL.cpp:1967).
 - syphon-python (cansik/syphon-python): `SyphonMetalServer(name)`, `publish_frame_texture(texture,
   region=None, size=None, is_flipped=False)`, `stop()`; `utils.raw.create_mtl_texture(device, w,
   h)`; `utils.numpy.copy_image_to_mtl_texture(image, texture)` (image (m, n, 4), the texture's
   size); `SyphonServerDirectory().servers`; `SyphonMetalClient(description)` with `is_valid`,
-  `has_new_frame`, `new_frame_image`, `stop()`; `utils.numpy.copy_mtl_texture_to_image(texture)`.
-- pyvirtualcam (letmaik.github.io/pyvirtualcam): `Camera(width, height, fps, *, fmt=PixelFormat.RGB,
-  device=None, backend=None, print_fps=False)` raises RuntimeError when no device exists;
-  `send(frame)` needs the shape of `fmt` ((h, w, 3) for RGB and BGR); RGBA is not a format.
+  `has_new_frame`, `new_frame_image` (None when there is no surface, syphon/client.py:119-126),
+  `stop()`; `utils.numpy.copy_mtl_texture_to_image(texture)`.
+- pyvirtualcam (letmaik/pyvirtualcam a4c1de1, pyvirtualcam/camera.py): each OS registers its
+  own backends (:107-121: Windows obs and unitycapture, macOS obs, Linux v4l2loopback) and
+  `Camera(width, height, fps, *, fmt=PixelFormat.RGB, device=None, backend=None,
+  print_fps=False)` looks a named backend up with `BACKENDS[backend]`, so an unregistered one
+  raises KeyError (:206); without a name it tries each, and when all fail raises RuntimeError
+  with one "'name' backend: reason" line each (:210-224). The reasons are each native backend's
+  own (native_*/virtual_output.h), RGBA included ("Unsupported image format."). `send(frame)`
+  raises TypeError for a dtype other than uint8 (:333) and ValueError for the wrong shape (:240).
+  `PixelFormat` is the real enum, libyuv FourCC values (:123-152).
 """
 
 from __future__ import annotations
@@ -79,6 +92,8 @@ class SpoutWorld:
     wrong_thread: list[str] = field(default_factory=list)
     contexts_open: int = 0
     fail_context: bool = False
+    frame_count: bool = False  # SpoutSettings' "Framecount" (the registry key SpoutFrameCount.cpp:150 reads)
+    readbacks: int = 0  # receives that copied pixels (each a GPU readback in real Spout)
 
 
 class _GLOwner:
@@ -144,9 +159,10 @@ def make_spoutgl(world: SpoutWorld) -> types.ModuleType:
             self.name = ""
             self.connected: str | None = None
             self.size = (0, 0)
-            self.updated = False
-            self.last_frame = 0
-            self.new = False
+            self.updated = False  # Spout's m_bUpdated
+            self.frame_count = 0  # m_FrameCount: updated only while counting
+            self.last_count = 0  # m_LastFrameCount
+            self.new = True  # m_bIsNewFrame, "Default true for apps without frame count"
 
         def setReceiverName(self, name: str) -> None:
             world.calls.append(("setReceiverName", name))
@@ -159,24 +175,33 @@ def make_spoutgl(world: SpoutWorld) -> types.ModuleType:
         def receiveImage(self, buffer: Any, gl_format: int, invert: bool, host_fbo: int) -> bool:
             self._on_context_thread("receiveImage")
             _bytes_per_pixel(gl_format)
+            if buffer is not None and self.connected is not None:
+                _check_buffer(buffer, *self.size, gl_format)  # PySpoutGL.cpp checks before the call
+            if self.updated:
+                return True  # until the application calls isUpdated()
             sender = self._sender()
             if sender is None or "rgba" not in sender:
                 self.connected = None
-                self.new = False
                 return False
             if self.connected is None or sender["size"] != self.size:
                 self.connected = self.name or "active"
                 self.size = sender["size"]
                 self.updated = True
                 return True
-            if buffer is None:
-                return True
+            if buffer is None or memoryview(buffer).nbytes == 0:
+                return False
+            self.new = True
+            if world.frame_count:
+                self.frame_count = sender["frame"]
+                if self.frame_count == self.last_count:
+                    self.new = False
+                    return True  # "No new frame, do not block": nothing copied
+                self.last_count = self.frame_count
             width, height = self.size
             view = _check_buffer(buffer, width, height, gl_format)
             pixels = _to_gl(sender["rgba"][::-1] if invert else sender["rgba"], gl_format)
             np.frombuffer(view, np.uint8)[: pixels.size] = pixels.reshape(-1)
-            self.new = sender["frame"] != self.last_frame
-            self.last_frame = sender["frame"]
+            world.readbacks += 1
             return True
 
         def isUpdated(self) -> bool:
@@ -188,6 +213,12 @@ def make_spoutgl(world: SpoutWorld) -> types.ModuleType:
 
         def isFrameNew(self) -> bool:
             return self.new
+
+        def isFrameCountEnabled(self) -> bool:
+            return world.frame_count
+
+        def getSenderFrame(self) -> int:
+            return self.frame_count
 
         def getSenderWidth(self) -> int:
             return self.size[0]
@@ -254,6 +285,7 @@ class SyphonWorld:
     published: list[tuple[str, tuple[int, int], bool]] = field(default_factory=list)
     clients: int = 0
     uuids: Any = field(default_factory=lambda: itertools.count(1))
+    quit_before_image: str | None = None  # this server quits between has_new_frame and new_frame_image
 
 
 def make_syphon(world: SyphonWorld) -> dict[str, types.ModuleType]:
@@ -320,9 +352,16 @@ def make_syphon(world: SyphonWorld) -> dict[str, types.ModuleType]:
             return entry is not None and entry["texture"] is not None and entry["frame"] != self.seen
 
         @property
-        def new_frame_image(self) -> FakeTexture:
+        def new_frame_image(self) -> FakeTexture | None:
+            """None when there is no surface to wrap: the server is gone or never published
+            (Syphon-Framework SyphonMetalClient.m -newFrameImage returns nil when newSurface is
+            nil; syphon-python's property passes that on, syphon/client.py:119-126)."""
+            if world.quit_before_image is not None:
+                world.servers.pop(world.quit_before_image, None)  # the server quits in between
+                world.quit_before_image = None
             entry = self._entry()
-            assert entry is not None
+            if entry is None or entry["texture"] is None:
+                return None
             self.seen = entry["frame"]
             texture: FakeTexture = entry["texture"]
             return texture
@@ -368,9 +407,25 @@ def install_syphon(monkeypatch: pytest.MonkeyPatch, platform: str = "darwin") ->
 # ------------------------------------------------------------------------------------ pyvirtualcam
 
 
+# Each backend's words when it finds no device, from its native virtual_output.h
+NO_DEVICE = {
+    "obs@win32": "OBS Virtual Camera device not found! Did you install OBS?",  # native_windows_obs:44
+    "unitycapture": "No camera registered. Did you install any camera?",  # native_windows_unity_capture:89
+    "obs@darwin": "OBS Virtual Camera is not installed in your system. Use the Virtual Camera function in "
+    "OBS 30.0 or later to trigger the installation and activate the System Extension in System Settings. "
+    "You may need to restart your machine after that. [Device not found]",  # native_macos_obs_cmioextension:146
+    "v4l2loopback": "No v4l2 loopback device found at /dev/video[0-99]. Did you run 'modprobe "
+    "v4l2loopback'? See also pyvirtualcam's documentation.",  # native_linux_v4l2loopback:157
+}
+REGISTERED = {"win32": ("obs", "unitycapture"), "darwin": ("obs",), "linux": ("v4l2loopback",)}
+FIXED_DEVICE = {"obs": "OBS Virtual Camera", "unitycapture": "Unity Video Capture"}
+
+
 @dataclass
 class CamWorld:
-    devices: list[str] = field(default_factory=lambda: ["/dev/video7"])
+    platform: str = "linux"
+    devices: list[str] = field(default_factory=lambda: ["/dev/video7"])  # v4l2loopback devices present
+    drivers: set[str] = field(default_factory=lambda: {"obs", "unitycapture", "v4l2loopback"})  # installed
     opened: list[dict[str, Any]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     sleeps: int = 0
@@ -378,14 +433,35 @@ class CamWorld:
 
 
 def make_pyvirtualcam(world: CamWorld) -> types.ModuleType:
-    class PixelFormat(enum.Enum):
-        RGB = "24BG"
-        BGR = "BGR3"
+    class PixelFormat(enum.Enum):  # camera.py:123-152, values as they are
+        RGB = "raw "
+        BGR = "24BG"
+        RGBA = "ABGR"
         GRAY = "J400"
         I420 = "I420"
         NV12 = "NV12"
-        YUYV = "YUYV"
+        YUYV = "YUY2"
         UYVY = "UYVY"
+
+    shapes = {"RGB": 3, "BGR": 3, "RGBA": 4}
+
+    def open_backend(name: str, fmt: PixelFormat, device: str | None) -> str:
+        """What the native backend does in its constructor: the device it opened, or raise."""
+        if fmt is PixelFormat.RGBA:
+            raise RuntimeError("Unsupported image format.")
+        if name == "v4l2loopback":
+            if device is not None:
+                if device not in world.devices:
+                    raise ValueError(f"Device {device} does not exist.")
+                return device
+            if not world.devices or name not in world.drivers:
+                raise RuntimeError(NO_DEVICE["v4l2loopback"])
+            return world.devices[0]
+        if name not in world.drivers:
+            raise RuntimeError(NO_DEVICE.get(f"{name}@{world.platform}", NO_DEVICE.get(name, "")))
+        if device is not None and device != FIXED_DEVICE[name]:
+            raise ValueError(f"This backend supports only the '{FIXED_DEVICE[name]}' device.")
+        return FIXED_DEVICE[name]
 
     class Camera:
         def __init__(
@@ -399,18 +475,26 @@ def make_pyvirtualcam(world: CamWorld) -> types.ModuleType:
             backend: str | None = None,
             print_fps: bool = False,
         ) -> None:
-            if not isinstance(fmt, PixelFormat):
-                raise TypeError("fmt must be a pyvirtualcam.PixelFormat")
-            if backend not in (None, "v4l2loopback", "obs", "unitycapture"):
-                raise ValueError(f"unknown backend: {backend}")
-            if not world.devices or (device is not None and device not in world.devices):
-                raise RuntimeError(
-                    "'v4l2loopback' backend: No v4l2 loopback device found at /dev/video[0-99]. "
-                    "Did you run 'modprobe v4l2loopback'?"
-                )
+            registered = REGISTERED.get(world.platform, ())
+            if backend:
+                if backend not in registered:
+                    raise KeyError(backend)  # BACKENDS[backend]
+                names: tuple[str, ...] = (backend,)
+            else:
+                names = registered
+            errors = []
+            for name in names:
+                try:
+                    fmt.value  # noqa: B018 - encode_fourcc(fmt.value): anything but the enum fails here
+                    self.device = open_backend(name, fmt, device)
+                except Exception as exc:  # as camera.py:218 does
+                    errors.append(f"'{name}' backend: {exc}")
+                else:
+                    self.backend = name
+                    break
+            else:
+                raise RuntimeError("\n".join(errors))
             self.width, self.height, self.fps, self.fmt = width, height, fps, fmt
-            self.device = device or world.devices[0]
-            self.backend = backend or "v4l2loopback"
             world.opened.append(
                 {
                     "width": width,
@@ -423,9 +507,11 @@ def make_pyvirtualcam(world: CamWorld) -> types.ModuleType:
             )
 
         def send(self, frame: np.ndarray) -> None:
-            expected = (self.height, self.width, 3) if self.fmt.name in ("RGB", "BGR") else None
-            if frame.dtype != np.uint8 or frame.shape != expected:
-                raise ValueError(f"mismatching frame shape: expected {expected}, got {frame.shape}")
+            if frame.dtype != np.uint8:
+                raise TypeError(f"unexpected frame dtype: {frame.dtype} != uint8")
+            expected = (self.height, self.width, shapes[self.fmt.name])
+            if frame.shape != expected:
+                raise ValueError(f"unexpected frame shape: {frame.shape} != {expected}")
             world.frames.append(np.array(frame, copy=True))
 
         def sleep_until_next_frame(self) -> None:
@@ -441,6 +527,6 @@ def make_pyvirtualcam(world: CamWorld) -> types.ModuleType:
 
 
 def install_pyvirtualcam(monkeypatch: pytest.MonkeyPatch, platform: str = "linux") -> CamWorld:
-    world = CamWorld()
+    world = CamWorld(platform=platform)
     _install(monkeypatch, {"pyvirtualcam": make_pyvirtualcam(world)}, platform)
     return world

@@ -2,10 +2,12 @@
 
 Run it once in TouchDesigner (2023 or newer), in the Textport:
 
-    exec(open("/path/to/streamdiffusion-bridge/touchdesigner/build_component.py").read())
-    build(op("/project1"))                   # -> /project1/StreamDiffusionBridge + StreamDiffusionBridge.tox
+    folder = "/path/to/streamdiffusion-bridge/touchdesigner"
+    exec(open(folder + "/build_component.py").read())
+    build(op("/project1"), folder=folder)    # -> /project1/StreamDiffusionBridge + StreamDiffusionBridge.tox
 
-or paste it into a Text DAT and run that DAT, then call `build(...)`.
+`exec` leaves `__file__` unset, so the builder cannot tell where it lives: `folder` says where
+sdbridge_params.json, sdbridge_shm.py and the .tox are (run as a file, it defaults to its own).
 
 Everything on the component comes from `sdbridge_params.json` beside this file (`sdbridge params
 --json`). That includes the custom parameter pages with TouchDesigner-style names (Prompt,
@@ -16,9 +18,16 @@ component holds:
   changes;
 - an OSC In DAT whose callbacks parse /sd/status/* (and /sd/error) into a `status` Table DAT:
   state, mode, fps, latency, skip rate, dropped, frames, last error;
-- a Transport menu: Spout (Windows) / Syphon (macOS) through the Syphon Spout In/Out TOPs, NDI
-  through the NDI In/Out TOPs, or shm, where a Script TOP reads frames through sdbridge_shm.py;
+- a Transport menu: Spout (Windows) / Syphon (macOS) through the Syphon Spout In/Out TOPs (the
+  In TOP on the named sender, never "the active sender", which could be our own output), NDI
+  through the NDI In/Out TOPs (the In TOP on the source whose stream part is the Receivename,
+  found in an NDI DAT, as NDI names sources "MACHINE (stream)"), or shm: an Execute DAT reads
+  the ring through sdbridge_shm.py at every frame start and forces the Script TOP to cook when a
+  frame arrived (a Script TOP with no inputs would otherwise cook once and freeze);
 - Start and Stop pulses that launch and stop `sdbridge run -c <Config>` as a subprocess.
+
+Live objects (the process, the shm reader, the last frame) are stored with a startup value of
+None (OP.storeStartupValue), so saving the .toe mid-show writes None, not the object.
 
 The plan (pages, names, ranges, menus, generated callback code) is plain Python and is tested
 outside TouchDesigner (tests/test_touchdesigner.py). Only `apply_plan` calls TouchDesigner.
@@ -31,7 +40,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+# None under `exec(open(...).read())` in the Textport, which sets no __file__: build() then needs `folder`
+HERE: Path | None = Path(__file__).resolve().parent if "__file__" in globals() else None
 SPEC_NAME = "sdbridge_params.json"
 COMPONENT = "StreamDiffusionBridge"
 
@@ -47,8 +57,30 @@ STATUS_KEYS = ("state", "mode", "fps", "latency_ms", "engine_ms", "skip_rate", "
 # ------------------------------------------------------------------------------------ the plan
 
 
-def load_spec(folder: Path = HERE) -> list[dict[str, Any]]:
-    path = folder / SPEC_NAME
+def textport_help(folder: Path | None) -> str:
+    if folder is None:
+        why = (
+            "it was run with exec(open(...).read()), as in the Textport, which leaves __file__ unset, "
+            "so its folder is unknown"
+        )
+    else:
+        why = f"{str(folder)!r} lacks {SPEC_NAME} or sdbridge_shm.py"
+    return (
+        f"build_component.py cannot find its files: {why}. Give the touchdesigner folder of "
+        'streamdiffusion-bridge: build(op("/project1"), folder="/path/to/streamdiffusion-bridge/touchdesigner")'
+    )
+
+
+def home(folder: str | Path | None = None) -> Path:
+    """The folder holding the spec and the shm reader: `folder`, else this file's own."""
+    found = Path(folder).expanduser() if folder else HERE
+    if found is None or not (found / SPEC_NAME).is_file() or not (found / "sdbridge_shm.py").is_file():
+        raise FileNotFoundError(textport_help(found))
+    return found.resolve()
+
+
+def load_spec(folder: str | Path | None = None) -> list[dict[str, Any]]:
+    path = home(folder) / SPEC_NAME
     spec: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
     return spec
 
@@ -193,6 +225,15 @@ def status_update(table, address, args):
     return False
 """
 
+KEEP_SOURCE = """
+def keep(node, key, value):
+    # A live object in storage, saved as None (OP.storeStartupValue): a .toe saved mid-show keeps
+    # no process handle, reader or frame.
+    node.store(key, value)
+    node.storeStartupValue(key, None)
+"""
+
+
 exec(OSC_ARGS_SOURCE)
 exec(STATUS_UPDATE_SOURCE)
 
@@ -212,6 +253,7 @@ import subprocess
 ROUTES = {json.dumps(routes, indent=1)}
 
 {OSC_ARGS_SOURCE}
+{KEEP_SOURCE}
 
 def onValueChange(par, prev):
     route = ROUTES.get(par.name)
@@ -241,11 +283,11 @@ def start(comp):
         command += ["-c", comp.par.Config.eval()]
     command += ["--set", "osc.port=" + str(comp.par.Port.eval())]
     command += ["--set", "osc.status_targets=['127.0.0.1:" + str(comp.par.Statusport.eval()) + "']"]
-    comp.store("sdbridge_process", subprocess.Popen(command))
+    keep(comp, "sdbridge_process", subprocess.Popen(command))
 
 
 def stop(comp):
-    process = comp.fetch("sdbridge_process", None, storeDefault=False)
+    process = comp.fetch("sdbridge_process", None, search=False)
     if process is not None and process.poll() is None:
         process.terminate()
         try:
@@ -277,9 +319,26 @@ def onReceiveOSC(dat, rowIndex, message, bytes, timeStamp, address, args, peer):
 """
 
 
-def shm_script_top_text(reader_folder: Path = HERE) -> str:
-    """The Script TOP's callbacks: frames from the bridge's shm ring (TouchDesigner's rows run
-    bottom-up, hence the flip)."""
+# The frame TouchDesigner is given: its first row is the bottom one and its channels are RGB(A)
+# (docs.derivative.ca/NumPy, scriptTOP_Class), so the ring's rows are flipped and bgra/bgr
+# reordered, in one copy that leaves a contiguous array.
+TD_LAYOUT_SOURCE = """
+TD_ORDER = {"rgba": None, "rgb": None, "bgra": [2, 1, 0, 3], "bgr": [2, 1, 0]}
+
+
+def td_layout(pixels, fmt):
+    rows = pixels[::-1]
+    order = TD_ORDER[fmt]
+    # take() writes a C-ordered array; rows[..., order] would not be contiguous
+    return rows.copy() if order is None else rows.take(order, axis=2)
+"""
+
+
+def frame_clock_text(reader_folder: Path) -> str:
+    """The Execute DAT (Frame Start on): when Transport is shm, read the bridge's ring at every
+    frame start and, when a frame arrived, keep it and force the Script TOP to cook. A Script TOP
+    without inputs otherwise cooks once and freezes (TouchDesigner cooks an operator only when
+    something it depends on changes)."""
     return f"""# Generated by build_component.py; rebuild instead of editing.
 import sys
 
@@ -287,17 +346,49 @@ if {str(reader_folder)!r} not in sys.path:
     sys.path.insert(0, {str(reader_folder)!r})
 from sdbridge_shm import ShmReader
 
+{KEEP_SOURCE}
+{TD_LAYOUT_SOURCE}
 
-def onCook(scriptOp):
-    reader = scriptOp.fetch("reader", None, storeDefault=False)
-    name = parent().par.Receivename.eval() or "sdbridge_out"
+def onFrameStart(frame):
+    comp = parent()
+    if comp.par.Transport.eval() != "shm":
+        return
+    script = op("from_bridge_shm")
+    name = comp.par.Receivename.eval() or "sdbridge_out"
+    reader = script.fetch("reader", None, search=False)
     if reader is None or reader.name != name:
+        if reader is not None:
+            reader.close()
         reader = ShmReader(name)
-        scriptOp.store("reader", reader)
+        keep(script, "reader", reader)
     got = reader.read()
     if got is not None:
-        scriptOp.copyNumpyArray(got[0][::-1])
+        pixels, info = got
+        keep(script, "frame", td_layout(pixels, info.format))
+        script.cook(force=True)
 """
+
+
+def shm_script_top_text() -> str:
+    """The Script TOP's callbacks: the newest frame the Execute DAT kept, in TouchDesigner's
+    layout already (copied on every cook, so any cook shows it)."""
+    return """# Generated by build_component.py; rebuild instead of editing.
+def onCook(scriptOp):
+    frame = scriptOp.fetch("frame", None, search=False)
+    if frame is not None:
+        scriptOp.copyNumpyArray(frame)
+"""
+
+
+# NDI names a source "MACHINE (stream)" (NDI Out TOP: "MACHINENAME (SourceName)", the form the
+# NDI In TOP lists). The In TOP takes the first source the NDI DAT lists whose stream part is
+# Receivename, as the bridge's own NDI input matches; a full name typed into Receivename is used
+# as it is.
+NDI_SOURCE_EXPR = (
+    "next((c.val for r in op('ndi_sources').rows() for c in r"
+    " if c.val.endswith('(' + parent().par.Receivename.eval() + ')')),"
+    " parent().par.Receivename.eval())"
+)
 
 
 # ------------------------------------------------------------------------ TouchDesigner calls
@@ -314,17 +405,14 @@ def _bind(node: Any, names: tuple[str, ...], expression: str) -> None:
     raise AttributeError(f"{node.path} has none of the parameters {names}")
 
 
-def apply_plan(parent_comp: Any, the_plan: dict[str, Any], td: Any) -> Any:  # pragma: no cover - TD only
-    """Create the component inside `parent_comp`. `td` is TouchDesigner's module of operator
-    types (baseCOMP, oscoutDAT, ...), passed in so this file imports without TouchDesigner."""
-    old = parent_comp.op(the_plan["component"])
-    if old is not None:
-        old.destroy()
-    comp = parent_comp.create(td.baseCOMP, the_plan["component"])
+def _custom_pars(comp: Any, the_plan: dict[str, Any]) -> None:
     for page_name, pars in the_plan["pages"].items():
         page = comp.appendCustomPage(page_name)
         for spec in pars:
             made = getattr(page, "append" + spec["style"])(spec["name"], label=spec["label"])[0]
+            if "menu_names" in spec:
+                # first: a menu parameter takes only one of its names as its value or default
+                made.menuNames, made.menuLabels = spec["menu_names"], spec["menu_labels"]
             if "default" in spec:
                 made.default = spec["default"]
                 made.val = spec["default"]
@@ -333,15 +421,25 @@ def apply_plan(parent_comp: Any, the_plan: dict[str, Any], td: Any) -> Any:  # p
                 if spec.get("clamp"):
                     made.min, made.max = spec["min"], spec["max"]
                     made.clampMin = made.clampMax = True
-            if "menu_names" in spec:
-                made.menuNames, made.menuLabels = spec["menu_names"], spec["menu_labels"]
             if "help" in spec:
                 made.help = spec["help"]
 
+
+def apply_plan(parent_comp: Any, the_plan: dict[str, Any], td: Any, *, folder: Path) -> Any:
+    """Create the component inside `parent_comp`. `td` is TouchDesigner's module of operator
+    types (baseCOMP, oscoutDAT, ...), passed in so this file imports without TouchDesigner;
+    `folder` holds sdbridge_shm.py, which the generated Execute DAT imports."""
+    # 1. A fresh component with the custom parameter pages
+    old = parent_comp.op(the_plan["component"])
+    if old is not None:
+        old.destroy()
+    comp = parent_comp.create(td.baseCOMP, the_plan["component"])
+    _custom_pars(comp, the_plan)
+
+    # 2. Control: parameter changes out over OSC, status in over OSC into a table
     osc_out = comp.create(td.oscoutDAT, "osc_out")
     osc_out.par.address.expr = "parent().par.Host"
     osc_out.par.port.expr = "parent().par.Port"
-
     status = comp.create(td.tableDAT, "status")
     status.clear()
     for key in STATUS_KEYS:
@@ -351,7 +449,6 @@ def apply_plan(parent_comp: Any, the_plan: dict[str, Any], td: Any) -> Any:  # p
     osc_in = comp.create(td.oscinDAT, "osc_in")
     osc_in.par.port.expr = "parent().par.Statusport"
     osc_in.par.callbacks = callbacks
-
     parexec = comp.create(td.parameterexecuteDAT, "parameters")
     parexec.text = parexec_text(the_plan)
     parexec.par.op = comp.path
@@ -359,52 +456,68 @@ def apply_plan(parent_comp: Any, the_plan: dict[str, Any], td: Any) -> Any:  # p
     parexec.par.valuechange = True
     parexec.par.onpulse = True
 
-    # frames to the bridge: wire your TOP into `in1`
+    # 3. Frames to the bridge: wire your TOP into `in1`
     frames_in = comp.create(td.inTOP, "in1")
     names = next(m for m in the_plan["pages"]["Connection"] if m["name"] == "Transport")["menu_names"]
+    shared = "spout" in names or "syphon" in names
     senders = []
-    if "spout" in names or "syphon" in names:
+    if shared:
         shared_out = comp.create(td.syphonspoutoutTOP, "to_bridge_syphonspout")
         shared_out.inputConnectors[0].connect(frames_in)
         _bind(shared_out, ("sendername", "servername"), "parent().par.Sendname")
         senders.append(shared_out)
-        shared_in = comp.create(td.syphonspoutinTOP, "from_bridge_syphonspout")
-        _bind(shared_in, ("sendername", "servername"), "parent().par.Receivename")
     ndi_out = comp.create(td.ndioutTOP, "to_bridge_ndi")
     ndi_out.inputConnectors[0].connect(frames_in)
     _bind(ndi_out, ("name", "sourcename"), "parent().par.Sendname")
-    ndi_in = comp.create(td.ndiinTOP, "from_bridge_ndi")
-    _bind(ndi_in, ("name", "sourcename"), "parent().par.Receivename")
-    shm_callbacks = comp.create(td.textDAT, "shm_callbacks")
-    shm_callbacks.text = shm_script_top_text()
-    shm_in = comp.create(td.scriptTOP, "from_bridge_shm")
-    shm_in.par.callbacks = shm_callbacks
-
-    choose = comp.create(td.switchTOP, "from_bridge")
-    order = []
-    if "spout" in names or "syphon" in names:
-        choose.inputConnectors[len(order)].connect(comp.op("from_bridge_syphonspout"))
-        order.append(names[0])
-    choose.inputConnectors[len(order)].connect(ndi_in)
-    order.append("ndi")
-    choose.inputConnectors[len(order)].connect(shm_in)
-    order.append("shm")
-    choose.par.index.expr = f"{order!r}.index(parent().par.Transport.eval())"
     for node in (*senders, ndi_out):
         node.par.active.expr = (
             f"parent().par.Transport.eval() in {['spout', 'syphon'] if node in senders else ['ndi']!r}"
         )
+
+    # 4. Frames from the bridge, one TOP per medium
+    order = []
+    if shared:
+        shared_in = comp.create(td.syphonspoutinTOP, "from_bridge_syphonspout")
+        # the named sender only: following "the active sender" can pick our own output up
+        active_sender = getattr(shared_in.par, "usespoutactivesender", None)
+        if active_sender is not None:
+            active_sender.val = False
+        _bind(shared_in, ("sendername", "servername"), "parent().par.Receivename")
+        order.append((names[0], shared_in))
+    comp.create(td.ndiDAT, "ndi_sources")  # the sources NDI sees, for NDI_SOURCE_EXPR
+    ndi_in = comp.create(td.ndiinTOP, "from_bridge_ndi")
+    _bind(ndi_in, ("name", "sourcename"), NDI_SOURCE_EXPR)
+    order.append(("ndi", ndi_in))
+    shm_callbacks = comp.create(td.textDAT, "shm_callbacks")
+    shm_callbacks.text = shm_script_top_text()
+    shm_in = comp.create(td.scriptTOP, "from_bridge_shm")
+    shm_in.par.callbacks = shm_callbacks
+    clock = comp.create(td.executeDAT, "shm_frame_clock")
+    clock.text = frame_clock_text(folder)
+    clock.par.framestart = True
+    clock.par.active = True
+    order.append(("shm", shm_in))
+
+    # 5. The chosen medium to the component's output
+    choose = comp.create(td.switchTOP, "from_bridge")
+    for index, (_, node) in enumerate(order):
+        choose.inputConnectors[index].connect(node)
+    choose.par.index.expr = f"{[name for name, _ in order]!r}.index(parent().par.Transport.eval())"
     out = comp.create(td.outTOP, "out1")
     out.inputConnectors[0].connect(choose)
     return comp
 
 
-def build(parent_comp: Any, tox: str | Path | None = None) -> Any:  # pragma: no cover - TD only
-    """In TouchDesigner: make the component in `parent_comp` and save it as a .tox."""
+def build(
+    parent_comp: Any, folder: str | Path | None = None, tox: str | Path | None = None
+) -> Any:  # pragma: no cover - TD only (tests run it against tests/td_standin.py)
+    """In TouchDesigner: make the component in `parent_comp` and save it as a .tox in `folder`
+    (the touchdesigner folder of streamdiffusion-bridge; needed when this file was exec'd)."""
     import td  # TouchDesigner's own module
 
-    comp = apply_plan(parent_comp, plan(load_spec()), td)
-    target = Path(tox) if tox else HERE / f"{COMPONENT}.tox"
+    where = home(folder)
+    comp = apply_plan(parent_comp, plan(load_spec(where)), td, folder=where)
+    target = Path(tox) if tox else where / f"{COMPONENT}.tox"
     comp.save(str(target))
     print(f"built {comp.path}; saved {target}")
     return comp

@@ -110,7 +110,7 @@ def open_source(cfg: SourceConfig, *, width: int, height: int) -> Source:
     if kind == "spout":
         from bridge.transports.spout import SpoutSource
 
-        return SpoutSource(name=cfg.name, flip=cfg.flip)
+        return SpoutSource(name=cfg.name, flip=cfg.flip, fps=cfg.fps)
     if kind == "syphon":
         from bridge.transports.syphon import SyphonSource
 

@@ -5,11 +5,20 @@ that calls it (`createOpenGL()`). The runtime opens, writes and closes a sink on
 thread, so `SpoutSink` creates its context when it is built; a source is read and closed on
 the capture thread, so `SpoutSource` creates its receiver on the first `read`. SpoutGL moves
 8-bit RGBA, BGRA, RGB and BGR; receivers learn of a sender's new size from `isUpdated()`.
+
+Repeats. `isFrameNew()` is only meaningful when Spout counts frames (the "Framecount" setting
+of SpoutSettings, and a sender that counts): otherwise it is true after every receive
+(SpoutFrameCount.cpp:145 and :540 in jlai/Python-SpoutGL's vendored Spout SDK), and each
+`receiveImage` is a full GPU readback. So a counted sender is followed by its frame number
+(`getSenderFrame()`; Spout then skips the readback of a repeat itself, SpoutGL.cpp:1967), and an
+uncounted one is read at most at `fps` (input.fps, the sender's rate), a frame identical to the
+last one handed on being dropped: an unchanged input costs no engine call.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -74,17 +83,27 @@ class SpoutSink:
 class SpoutSource:
     """Receives from the Spout sender `name` ("" = the active sender). While the sender is gone
     `read` returns None (the bridge holds its last output) and SpoutGL keeps looking for it;
-    `waiting` says so for status."""
+    `waiting` says so for status. A sender that does not count its frames is read at most `fps`
+    times a second (0: every poll)."""
 
-    def __init__(self, *, name: str = "", flip: bool = False, poll_s: float = 0.002) -> None:
+    def __init__(
+        self, *, name: str = "", flip: bool = False, poll_s: float = 0.002, fps: float = 30.0
+    ) -> None:
+        if fps < 0:
+            raise ValueError(f"input.fps for spout must be >= 0 (the sender's rate), got {fps}")
         self._gl = spoutgl()
         self.name = name
         self.flip = flip
         self.poll_s = poll_s
+        self.fps = fps
         self._gl_format = int(self._gl.enums.GL_RGBA)
         self._receiver: Any = None
         self._buffer: np.ndarray | None = None
         self._seq = 0
+        self._sender_frame = 0  # the counted sender's number of the last frame handed on; 0 = uncounted
+        self._last: np.ndarray | None = None  # the pixels last handed on (uncounted senders)
+        self._next_read = 0.0  # perf_counter() before which an uncounted sender is not read again
+        self.readbacks = 0  # receives that copied pixels, each a GPU readback
         self.size: tuple[int, int] | None = None
         self.waiting = f"waiting for the Spout sender {self._label()}"
 
@@ -100,6 +119,10 @@ class SpoutSource:
 
     def _poll(self) -> Frame | None:
         r = self._receiver
+        paced = self._buffer is not None and not self._sender_frame and self.fps > 0
+        now = time.perf_counter()
+        if paced and now < self._next_read:
+            return None  # an uncounted sender: its next frame is not due yet
         received = r.receiveImage(self._buffer, self._gl_format, self.flip, 0)
         if r.isUpdated():
             # a new sender or a new size: allocate, and receive into it from the next call on
@@ -108,15 +131,29 @@ class SpoutSource:
                 log.info("Spout sender %s is %dx%d", self._label(), width, height)
             self.size = (width, height)
             self._buffer = np.zeros((height, width, 4), np.uint8)
+            self._sender_frame, self._last = 0, None
             return None
         if not received or self._buffer is None or not r.isConnected():
             self.waiting = f"waiting for the Spout sender {self._label()}"
-            return None
-        if not r.isFrameNew():
+            self._sender_frame, self._last = 0, None
             return None
         self.waiting = ""
+        counted = int(r.getSenderFrame()) if r.isFrameCountEnabled() else 0
+        if counted:
+            if not r.isFrameNew() or counted == self._sender_frame:
+                self._sender_frame = counted
+                return None  # a repeat: Spout did not copy it (SpoutGL.cpp:1967)
+            self._sender_frame = counted
+        else:
+            self._sender_frame = 0
+            self._next_read = now + (1.0 / self.fps if self.fps > 0 else 0.0)
+        self.readbacks += 1
+        if not counted and self._last is not None and np.array_equal(self._buffer, self._last):
+            return None  # an uncounted sender repeated its frame
         self._seq += 1
-        return Frame(from_format(self._buffer, PixelFormat.RGBA).copy(), self._seq)
+        pixels = from_format(self._buffer, PixelFormat.RGBA).copy()
+        self._last = pixels
+        return Frame(pixels, self._seq)
 
     def read(self, timeout_s: float) -> Frame | None:
         if self._receiver is None:

@@ -111,6 +111,10 @@ class SyphonSource:
         if not self._client.has_new_frame:
             return None
         texture = self._client.new_frame_image
+        if texture is None:
+            # no surface to read (the server quit, or has not published yet): syphon-python passes
+            # Syphon's nil on (syphon/client.py:119-126); look again on the next poll
+            return None
         pixels = np.asarray(self._np.copy_mtl_texture_to_image(texture))
         fmt = PixelFormat.BGRA if int(texture.pixelFormat()) == MTL_PIXEL_FORMAT_BGRA8 else PixelFormat.RGBA
         rgba = from_format(pixels, fmt, flip=self.flip)

@@ -15,7 +15,7 @@ from typing import Any
 
 from bridge.frames import Frame, PixelFormat, fit, to_format
 from bridge.transports import base
-from bridge.transports.base import TransportUnavailable, import_vendor
+from bridge.transports.base import TransportUnavailable, import_vendor, os_label
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ INSTALL_HINTS = {
     'v4l2loopback devices=1 exclusive_caps=1 card_label="sdbridge"; then set output.device=/dev/videoN '
     "if there are several",
 }
+
+
+# The backends pyvirtualcam registers on each OS (pyvirtualcam/camera.py:107-121); a name not
+# registered here makes `Camera` raise KeyError before it tries anything.
+BACKENDS = {"win32": ("obs", "unitycapture"), "darwin": ("obs",), "linux": ("v4l2loopback",)}
 
 
 def install_hint(platform: str | None = None) -> str:
@@ -47,6 +52,24 @@ def driver_problem(platform: str | None = None) -> str:
     if Path("/sys/module/v4l2loopback").exists():
         return ""
     return f"the v4l2loopback kernel module is not loaded. To get a virtual camera: {install_hint('linux')}"
+
+
+def backend_problem(backend: str, platform: str | None = None) -> str:
+    """ "" when output.backend `backend` exists on `platform` (default: this machine), else why
+    not, what does, and how to install a driver. Checked when the config loads."""
+    platform = platform or base.current_platform()
+    valid = BACKENDS.get(platform, ())
+    if not backend or backend in valid:
+        return ""
+    shown = backend if len(backend) <= 40 else backend[:40] + "..."
+    others = ", ".join(
+        f"{name} ({os_label(os)})" for os, names in BACKENDS.items() if os != platform for name in names
+    )
+    return (
+        f"{shown!r} is not a virtual camera backend on {os_label(platform)}: use "
+        f'{" or ".join(valid) or "none (pyvirtualcam has no backend here)"}, or "" for any that works '
+        f"(elsewhere: {others}). To get a virtual camera: {install_hint(platform)}"
+    )
 
 
 def pyvirtualcam() -> Any:
@@ -78,6 +101,9 @@ class VirtualCamSink:
         if width <= 0 or height <= 0:
             raise ValueError(f"the virtual camera needs a positive size, got {width}x{height}")
         self.fps = fps or DEFAULT_FPS
+        problem = backend_problem(backend)
+        if problem:  # pyvirtualcam would raise KeyError, which no retry can cure
+            raise TransportUnavailable(f"output.backend {problem}")
         vendor_fmt = pvc.PixelFormat.RGB if self.format is PixelFormat.RGB else pvc.PixelFormat.BGR
         try:
             self._cam: Any = pvc.Camera(
@@ -89,6 +115,11 @@ class VirtualCamSink:
                 backend=backend or None,
                 print_fps=False,
             )
+        except KeyError as exc:  # a backend this pyvirtualcam does not register: final
+            raise TransportUnavailable(
+                f"output.backend {backend!r}: pyvirtualcam has no such backend here ({exc!r}). "
+                f"To get a virtual camera: {install_hint()}"
+            ) from None
         except RuntimeError as exc:
             where = f" {device!r}" if device else ""
             raise TransportUnavailable(
