@@ -239,14 +239,28 @@ def test_form_follows_osc_without_fighting_the_edited_control(tab: Tab, live: An
         "the form following changes made over OSC",
     )
 
-    # a field being typed into is left alone while the others follow
+    # a field being typed into is left alone while the others follow, also once the typist has
+    # paused past the 2 s edit guard (the focus alone holds it then)
     tab.eval(f"{control('prompt')}.focus(), {control('prompt')}.select()")
     tab.call("Input.insertText", text="my own words")
+    time.sleep(2.5)
     client.send_message("/sd/prompt", "another city")
     client.send_message("/sd/guidance", 3.5)
     tab.wait(f"{control('guidance', 'number')}.value === '3.5'", "guidance following while prompt is edited")
     assert bridge.store.get("prompt") == "another city"  # the page saw it and left the field alone
     assert tab.eval(f"{control('prompt')}.value") == "my own words"
+
+    # a slider dragged but not released sends nothing and returns to the live value after the guard
+    tab.eval(
+        f"{control('guidance', 'range')}.value = 9, {control('guidance', 'range')}.dispatchEvent(new Event('input'))"
+    )
+    assert tab.eval(f"{control('guidance', 'number')}.value") == "9"  # the pair moves together
+    tab.wait(
+        f"{control('guidance', 'range')}.value === '3.5' && {control('guidance', 'number')}.value === '3.5'",
+        "an abandoned slider edit giving way to the live value",
+        timeout_s=10,
+    )
+    assert bridge.store.get("guidance") == 3.5
 
     # Enter sends the field; the checkbox and the random seed button send theirs (form-encoded POSTs)
     for kind in ("keyDown", "keyUp"):
