@@ -320,5 +320,26 @@ def test_a_single_frame_shows_at_once_and_any_status_shape_is_shown(tab: Tab) ->
             "output shm\topen\t12\tearlier: output shm: OSError: earlier",
         ]
         assert tab.problems() == []
+        assert tab.eval(DRAWN_RGB) == [255, 0, 0]
+
+        # the bridge restarts on the same port: the page reconnects its stream by itself
+        port = sink.port
+        sink.close()
+        tab.wait(
+            "document.getElementById('status').textContent.startsWith('bridge not reachable')",
+            "the page noticing the bridge has gone",
+        )
+        sink = PreviewSink(port=port, fps=0, ctx=ctx)
+        pixels[..., :3] = (0, 0, 255)
+        sink.write(Frame(pixels, 1))
+        tab.wait(f"JSON.stringify({DRAWN_RGB}) === '[0,0,255]'", "the restarted bridge's frame drawn")
+        assert tab.problems() == []
     finally:
         sink.close()
+
+
+# The colour at the centre of the output image as drawn now (a canvas copy of the <img>).
+DRAWN_RGB = """(() => { const img = document.getElementById('out'), c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d');
+    g.drawImage(img, 0, 0); const d = g.getImageData(c.width >> 1, c.height >> 1, 1, 1).data;
+    return [d[0], d[1], d[2]].map(v => Math.round(v / 16) * 16 > 255 ? 255 : Math.round(v / 16) * 16); })()"""

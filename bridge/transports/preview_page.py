@@ -134,7 +134,7 @@ th,td{padding:3px 8px;text-align:left;vertical-align:middle}
 <tbody></tbody></table>
 </section>
 <section id="controls">
-<form onsubmit="return false"><table>
+<form id="form"><table>
 {ROWS}
 </table></form>
 <div id="form-error" class="error"></div>
@@ -398,30 +398,32 @@ function show(s) {
   }
 }
 
+let reconnects = 0;
+function reconnectStream() {
+  reconnects += 1;
+  document.getElementById('out').src = `/stream.mjpg?reconnect=${reconnects}`;
+}
+
+let unreachable = false;
 async function poll() {
   try {
     const r = await fetch('/status', {cache: 'no-store'});
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const s = await r.json();
+    if (unreachable) reconnectStream();  // the bridge is back (restarted): so is its stream
+    unreachable = false;
     show(s && typeof s === 'object' ? s : {});
   } catch (e) {
+    unreachable = true;
     document.getElementById('status').textContent = `bridge not reachable (${e.message || e})`;
   }
   setTimeout(poll, POLL_MS);
 }
 
-// The stream ends when the bridge restarts or the connection drops: connect again.
-function watchStream() {
-  const img = document.getElementById('out');
-  let retries = 0;
-  img.addEventListener('error', () => {
-    retries += 1;
-    setTimeout(() => { img.src = `/stream.mjpg?retry=${retries}`; }, 1000);
-  });
-}
-
 wire();
-watchStream();
+document.getElementById('form').addEventListener('submit', ev => ev.preventDefault());
+// a stream that fails to connect is tried again each second
+document.getElementById('out').addEventListener('error', () => setTimeout(reconnectStream, 1000));
 poll();
 window.addEventListener('resize', drawPlot);
 """
