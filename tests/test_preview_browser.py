@@ -116,6 +116,7 @@ def tab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tab]:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--disable-dev-shm-usage",  # a container's small /dev/shm would crash the renderer
         f"--window-size={WINDOW[0]},{WINDOW[1]}",
         f"--user-data-dir={profile}",
         "--remote-debugging-port=0",

@@ -11,6 +11,7 @@ What the page does, all from same-origin requests to the preview server:
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,13 +35,6 @@ def _attr(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number_attrs(row: Mapping[str, Any]) -> str:
-    lo, hi = row["min"], row["max"]
-    if row["type"] == "int":
-        return f'min="{lo}" max="{hi}" step="1"'
-    return f'min="{lo}" max="{hi}" step="any"'
-
-
 def _control(row: Mapping[str, Any]) -> str:
     """The input element(s) of one parameter; the script reads `data-kind` to set and read them."""
     name, kind, default = row["name"], row["type"], row["default"]
@@ -50,7 +44,10 @@ def _control(row: Mapping[str, Any]) -> str:
         return f'<input type="checkbox" {common}{checked}>'
     if kind in ("float", "int"):
         lo, hi = row["min"], row["max"]
-        number = f'<input type="number" {common} {_number_attrs(row)} value="{_attr(default)}">'
+        step = "1" if kind == "int" else "any"
+        number = (
+            f'<input type="number" {common} min="{lo}" max="{hi}" step="{step}" value="{_attr(default)}">'
+        )
         if kind == "int" and hi - lo > SLIDER_MAX_SPAN:
             button = ""
             if name.endswith("seed"):
@@ -87,14 +84,15 @@ def _rows(params: Sequence[Mapping[str, Any]]) -> str:
 def page(ctx: SinkContext) -> str:
     """The whole page for the bridge behind `ctx`: one control per live parameter of its table."""
     width, height = max(int(ctx.width), 1), max(int(ctx.height), 1)
-    view_style = f"max-width:calc({MAX_IMAGE_HEIGHT_VH}vh * {width} / {height})"
-    return (
-        _PAGE.replace("{ROWS}", _rows(ctx.params))
-        .replace("{VIEW_STYLE}", view_style)
-        .replace("{WIDTH}", str(width))
-        .replace("{HEIGHT}", str(height))
-        .replace("{SCRIPT}", _SCRIPT)
-    )
+    values = {
+        "ROWS": _rows(ctx.params),
+        "VIEW_STYLE": f"max-width:calc({MAX_IMAGE_HEIGHT_VH}vh * {width} / {height})",
+        "WIDTH": str(width),
+        "HEIGHT": str(height),
+        "SCRIPT": _SCRIPT,
+    }
+    # one pass, so a placeholder-like text inside a value (a prompt "{SCRIPT}") stays as it is
+    return re.sub(r"\{([A-Z_]+)\}", lambda m: values[m[1]], _PAGE)
 
 
 _PAGE = """<!doctype html>
