@@ -170,11 +170,6 @@ function asText(kind, v) {
   return String(v);
 }
 
-function shownText(name) {
-  const el = controls.get(name)[0];
-  return el.type === 'checkbox' ? (el.checked ? 'true' : 'false') : el.value;
-}
-
 // Typing goes into text and number fields, so focus guards them; a slider or a checkbox keeps
 // the focus after a click and must still follow the bridge, so only a recent edit guards those.
 function busy(name, now) {
