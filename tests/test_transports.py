@@ -166,10 +166,12 @@ def test_preview_page_stream_status_and_controls() -> None:
         with urllib.request.urlopen(base + "stream.mjpg", timeout=5) as stream:
             assert stream.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=sdbridgeframe"
             sink.write(Frame(frame, 2))
-            head = stream.readline() + stream.readline() + stream.readline() + stream.readline()
-            assert head.startswith(b"--sdbridgeframe\r\nContent-Type: image/jpeg\r\n")
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            part = stream.read(length)
+            head = stream.readline() + stream.readline() + stream.readline()
+            assert head == b"--sdbridgeframe\r\nContent-Type: image/jpeg\r\n\r\n"
+            part = stream.read(2)
+            while not part.endswith(b"\r\n--sdbridgeframe\r\n"):  # a part ends at the next boundary
+                part += stream.read(1)
+            part = part[: -len(b"\r\n--sdbridgeframe\r\n")]
             decoded = np.asarray(Image.open(__import__("io").BytesIO(part)))
             assert decoded.shape == (16, 16, 3) and decoded[..., 0].min() > 240
         request = urllib.request.Request(base + "set", data=b"name=guidance&value=2.5", method="POST")

@@ -1,5 +1,6 @@
-"""The preview page: a localhost HTTP server showing the output as MJPEG, a live status line and
-form controls generated from the parameter table. Open http://127.0.0.1:7860/ in a browser.
+"""The preview page: a localhost HTTP server showing the output as MJPEG, a live status line, a
+plot, each input's and output's state, and form controls generated from the parameter table
+(the page itself is `preview_page.py`). Open http://127.0.0.1:7860/ in a browser.
 
 Routes: `/` the page, `/stream.mjpg` the MJPEG stream, `/frame.jpg` the newest frame,
 `/status` status and parameter values as JSON, `/params` the table, POST `/set` (form fields
@@ -8,13 +9,11 @@ Routes: `/` the page, `/stream.mjpg` the MJPEG stream, `/frame.jpg` the newest f
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -23,9 +22,16 @@ from PIL import Image
 
 from bridge.frames import Frame
 from bridge.transports.base import SinkContext
+from bridge.transports.preview_page import page
 
 log = logging.getLogger(__name__)
 BOUNDARY = "sdbridgeframe"
+# The head of each MJPEG part, sent right after the previous frame rather than with the next:
+# Chromium draws a part only once the head of the part after it has arrived, so a frame sent
+# with its own head alone stays invisible until the next frame comes (seconds, on a slow
+# bridge; never, when one frame is all there is). Parts therefore carry no Content-Length
+# (RFC 2046 needs none; a reader finds the end of a frame at the next boundary).
+PART_HEAD = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n\r\n".encode()
 
 
 class PreviewSink:
@@ -145,15 +151,14 @@ class PreviewSink:
                 self.end_headers()
                 last = max(sink._frame_id - 1, 0)  # start with the newest frame
                 try:
+                    self.wfile.write(PART_HEAD)
                     while not sink._closed:
                         got = sink.next_jpeg(last, 1.0)
                         if got is None:
                             continue
                         last, jpeg = got
-                        head = (
-                            f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                        )
-                        self.wfile.write(head.encode() + jpeg + b"\r\n")
+                        # each frame ends with the next part's head: see PART_HEAD
+                        self.wfile.write(jpeg + b"\r\n" + PART_HEAD)
                         self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the browser went away
@@ -169,74 +174,3 @@ class PreviewSink:
                 self._json(400 if error else 200, {"ok": not error, "error": error})
 
         return Handler
-
-
-def _control(row: Mapping[str, Any]) -> str:
-    name, kind, default = row["name"], row["type"], row["default"]
-    esc = html.escape(name)
-    if kind == "bool":
-        checked = " checked" if default else ""
-        return f'<input type="checkbox" name="{esc}"{checked} onchange="send(this.name, this.checked)">'
-    if kind in ("float", "int"):
-        step = "any" if kind == "float" else "1"
-        lo, hi = row["min"], row["max"]
-        return (
-            f'<input type="range" name="{esc}" min="{lo}" max="{hi}" step="{step if kind == "int" else (hi - lo) / 200}" '
-            f'value="{default}" oninput="this.nextElementSibling.value=this.value" onchange="send(this.name, this.value)">'
-            f'<input type="number" name="{esc}" step="{step}" value="{default}" onchange="send(this.name, this.value)">'
-        )
-    if kind == "int_list":
-        value = " ".join(str(v) for v in default)
-    elif kind == "blend":
-        value = " | ".join(f"{t}:{w}" for t, w in default)
-    else:
-        value = str(default)
-    return f'<input type="text" name="{esc}" value="{html.escape(value)}" size="40" onchange="send(this.name, this.value)">'
-
-
-def page(ctx: SinkContext) -> str:
-    """The preview page, with one control per live parameter of the table."""
-    rows = []
-    for row in ctx.params:
-        if row["live"]:
-            rows.append(
-                f'<tr><td title="{html.escape(row["doc"])}">{html.escape(row["name"])}</td>'
-                f'<td data-param="{html.escape(row["name"])}">{_control(row)}</td></tr>'
-            )
-    return _PAGE.replace("{ROWS}", "\n".join(rows))
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>StreamDiffusion Bridge</title>
-<style>
-body{background:#111;color:#ddd;font:14px system-ui,sans-serif;margin:1em}
-img{max-width:100%;image-rendering:auto;background:#000}
-#status{font-family:monospace;margin:.5em 0}
-#error{color:#f77;font-family:monospace}
-td{padding:2px 8px}
-</style></head><body>
-<h3>StreamDiffusion Bridge</h3>
-<img id="out" src="/stream.mjpg" alt="output">
-<div id="status">connecting...</div><div id="error"></div>
-<form onsubmit="return false"><table>
-{ROWS}
-</table></form>
-<script>
-async function send(name, value) {
-  const body = new URLSearchParams({name: name, value: String(value)});
-  const r = await fetch('/set', {method: 'POST', body: body});
-  const j = await r.json();
-  document.getElementById('error').textContent = j.error || '';
-}
-async function poll() {
-  try {
-    const s = await (await fetch('/status')).json();
-    document.getElementById('status').textContent =
-      `${s.state} ${s.mode} | ${(+s.fps).toFixed(1)} fps | latency ${(+s.latency_ms).toFixed(1)} ms | ` +
-      `skip ${(100 * s.skip_rate).toFixed(0)}% | dropped ${s.dropped}` + (s.error ? ` | ${s.error}` : '');
-  } catch (e) { document.getElementById('status').textContent = 'bridge not reachable'; }
-  setTimeout(poll, 500);
-}
-poll();
-</script></body></html>
-"""
