@@ -451,6 +451,12 @@ class ParamStore:
             pending = self._pending.get(name)
             return pending.value if pending is not None else self._values[name]
 
+    def newest(self, name: str) -> tuple[Any, bool]:
+        """(the newest value for `name`, whether it is still waiting for the next frame)."""
+        with self._lock:
+            pending = self._pending.get(name)
+            return (pending.value, True) if pending is not None else (self._values[name], False)
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._values)
