@@ -452,3 +452,19 @@ def test_drops_at_the_end_of_a_burst_are_counted_too() -> None:
         assert store.latest("seed") < 1999  # the last ones were the kernel's to drop
     finally:
         server.close()
+
+
+def test_a_huge_prompt_or_blend_is_refused_on_sd_error_and_loses_nothing() -> None:
+    control, store, replies = make()
+    control.handle_datagram(encode("/sd/prompt", ["neon city"]), SENDER)
+    control.handle_datagram(encode("/sd/prompt", ["x" * 60_000]), SENDER)  # near the UDP limit
+    control.handle_datagram(
+        encode("/sd/prompt_blend", [x for i in range(1000) for x in (f"p{i}", 1.0)]), SENDER
+    )
+    control.handle_datagram(encode("/sd/t_index_list", list(range(11))), SENDER)
+    errors = replies.errors()
+    assert [address for address, _ in errors] == ["/sd/prompt", "/sd/prompt_blend", "/sd/t_index_list"]
+    assert errors[0][1].startswith("prompt is 60000 characters long") and len(errors[0][1]) < 400
+    assert errors[1][1].startswith("prompt_blend has 1000 entries; the most is 16")
+    assert errors[2][1] == "t_index_list expects 1 to 10 ints, got 11"
+    assert pending(store) == {"prompt": "neon city"}
