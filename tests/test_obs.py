@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from bridge.control.wire import decode_reply
@@ -327,9 +328,21 @@ def test_a_real_udp_round_trip_reaches_a_running_bridge(tiny_pipe: Any) -> None:
         obs.change("sd_guidance", 2.75)
         obs.change("sd_ssf_max_skip", 3)
         obs.type("sd_prompt", "a neon city at night\n", start="")
+        # checked in the engine itself, not only in the parameter store
+        engine = bridge.driver.engine
+
+        typed = engine.prompt_cache.encode("a neon city at night").embeds[0]  # (L, D)
+
+        def applied() -> dict[str, Any]:
+            return {
+                "guidance": engine.guidance_scale,
+                "prompt": torch.equal(engine.prepared_unet_inputs.embeds[0], typed),
+                "ssf/max_skip": engine.similarity.max_skip,
+            }
+
         deadline = time.monotonic() + 10
-        want = {"guidance": 2.75, "prompt": "a neon city at night", "ssf/max_skip": 3}
-        while {k: bridge.store.get(k) for k in want} != want:
-            assert time.monotonic() < deadline, {k: bridge.store.get(k) for k in want}
+        want = {"guidance": 2.75, "prompt": True, "ssf/max_skip": 3}
+        while applied() != want:
+            assert time.monotonic() < deadline, applied()
             time.sleep(0.02)
         assert bridge.control is not None and bridge.control.counters.as_dict()["rejected"] == 0
