@@ -150,12 +150,13 @@ class Bridge:
     def load_spec(self, override: str = "") -> None:
         path = find_spec(Path(__file__).resolve().parent, override)
         if path is None:
-            where = (
-                f"{override} not found"
+            self.spec = []
+            self.spec_error = (
+                f"Parameter spec {override!r} not found; type the path of a {SPEC_NAME}"
                 if override
-                else (f"{SPEC_NAME} not found next to the script or in ../touchdesigner/")
+                else f"{SPEC_NAME} not found next to the script or in ../touchdesigner/; copy it "
+                "beside the script or type its path into Parameter spec"
             )
-            self.spec, self.spec_error = [], f"{where}; set Parameter spec to its path"
             return
         try:
             self.spec, self.spec_error = controls(json.loads(path.read_text(encoding="utf-8"))), ""
