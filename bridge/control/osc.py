@@ -363,7 +363,7 @@ class OscServer:
                 try:
                     if self._counts_drops:
                         data, cmsgs, _flags, sender = self._sock.recvmsg(65536, socket.CMSG_SPACE(4))
-                    else:  # Windows has no recvmsg
+                    else:  # no drop count to read (and Windows has no recvmsg)
                         (data, sender), cmsgs = self._sock.recvfrom(65536), []
                 except TimeoutError:
                     continue
@@ -409,10 +409,16 @@ class OscServer:
 def _ask_rcvbuf(sock: socket.socket, wanted: int) -> int:
     """Ask for a `wanted`-byte receive buffer; returns what the OS gave (Linux reports double
     the usable size and caps a plain request at net.core.rmem_max)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
-    except OSError as exc:
-        log.info("OSC: the OS refused a %d-byte receive buffer: %s", wanted, exc)
+    size = wanted
+    while True:  # macOS refuses (ENOBUFS) past kern.ipc.maxsockbuf rather than capping: halve
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            break
+        except OSError as exc:
+            if size <= 1 << 18:
+                log.info("OSC: the OS refused a %d-byte receive buffer: %s", size, exc)
+                break
+            size //= 2
     got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
     if got < wanted and SO_RCVBUFFORCE is not None:  # allowed past rmem_max with CAP_NET_ADMIN only
         try:
