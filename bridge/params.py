@@ -408,6 +408,8 @@ class ParamStore:
 
     Any thread may `submit` (latest value wins per name). The runtime alone calls
     `take_pending` between frames, applies what it can, and `commit`s the values it applied.
+    A taken value is "in flight" until it is committed or the next `take_pending` (the engine
+    refused it), so `latest`/`newest` never fall back to the old value while it is applied.
     """
 
     def __init__(self, initial: Mapping[str, Any]) -> None:
@@ -418,6 +420,7 @@ class ParamStore:
         self._values: dict[str, Any] = {name: p.default for name, p in LIVE.items()}
         self._values.update(initial)
         self._pending: dict[str, Pending] = {}
+        self._in_flight: dict[str, Pending] = {}  # taken by the runtime, not committed yet
         self._changed: set[str] = set()
         self._version = 0
 
@@ -433,6 +436,7 @@ class ParamStore:
     def take_pending(self) -> dict[str, Pending]:
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._in_flight = dict(pending)
             return pending
 
     def commit(self, name: str, value: Any) -> None:
@@ -440,6 +444,7 @@ class ParamStore:
             if self._values.get(name) != value:
                 self._changed.add(name)
             self._values[name] = value
+            self._in_flight.pop(name, None)
 
     def get(self, name: str) -> Any:
         with self._lock:
@@ -447,14 +452,12 @@ class ParamStore:
 
     def latest(self, name: str) -> Any:
         """The newest value for `name`: a pending submission, else the applied value."""
-        with self._lock:
-            pending = self._pending.get(name)
-            return pending.value if pending is not None else self._values[name]
+        return self.newest(name)[0]
 
     def newest(self, name: str) -> tuple[Any, bool]:
-        """(the newest value for `name`, whether it is still waiting for the next frame)."""
+        """(the newest value for `name`, whether it is still waiting to be applied)."""
         with self._lock:
-            pending = self._pending.get(name)
+            pending = self._pending.get(name) or self._in_flight.get(name)
             return (pending.value, True) if pending is not None else (self._values[name], False)
 
     def snapshot(self) -> dict[str, Any]:

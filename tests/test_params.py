@@ -192,3 +192,18 @@ def test_store_latest_wins_and_reports_changes() -> None:
     assert store.take_changed() == {}
     with pytest.raises(KeyError):
         ParamStore({"model": "x"})
+
+
+def test_newest_says_pending_until_the_runtime_commits() -> None:
+    store = ParamStore({})
+    store.submit("guidance", 3.0)
+    assert store.newest("guidance") == (3.0, True)
+    store.take_pending()  # the runtime is applying it
+    assert store.newest("guidance") == (3.0, True) and store.get("guidance") == 1.2
+    store.commit("guidance", 3.0)
+    assert store.newest("guidance") == (3.0, False)
+    store.submit("seed", 5)
+    store.take_pending()  # the engine refuses it: never committed
+    assert store.latest("seed") == 5
+    store.take_pending()  # the next frame boundary
+    assert store.newest("seed") == (2, False)
