@@ -19,6 +19,20 @@ from typing import Any
 NUM_INFERENCE_STEPS = 50  # the LCM schedule the t_index values index into
 MAX_STEPS = 10  # longest t_index_list (one UNet row per step; StreamEngine's limit)
 SEED_MAX = 2**31 - 1  # OSC ints are int32
+# Bounds on what control input may ask for (each refused beyond with the reason on /sd/error).
+# CLIP reads 77 tokens (about 300 characters) and truncates the rest, so 2000 characters is
+# generous; the cap keeps a 5 MB prompt from costing seconds of tokenizing.
+MAX_PROMPT_CHARS = 2000
+MAX_BLEND_ENTRIES = 16  # each new text is one text-encoder call before the blend applies
+SHOWN_CHARS = 200  # values quoted in error messages are cut to this
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to about `SHOWN_CHARS` characters, for error messages."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[: SHOWN_CHARS - 30]}... ({len(text)} characters)"
 
 
 class Kind(enum.Enum):
@@ -48,6 +62,7 @@ class Param:
     aliases: tuple[str, ...] = ()
     choices: tuple[str, ...] = ()
     reload_reason: str = ""
+    label: str = ""  # what a person reads on every surface (OBS, TouchDesigner, preview, OSCQuery)
 
     @property
     def address(self) -> str:
@@ -65,21 +80,30 @@ class Param:
 
 
 PARAMS: tuple[Param, ...] = (
-    Param("prompt", Kind.STRING, "a photo of a cat, studio lighting", "what to draw", aliases=("/prompt",)),
+    Param(
+        "prompt",
+        Kind.STRING,
+        "a photo of a cat, studio lighting",
+        "what to draw",
+        aliases=("/prompt",),
+        label="Prompt",
+    ),
     Param(
         "negative_prompt",
         Kind.STRING,
         "",
         "what to avoid (used when cfg_type is full or initialize, or self with guidance > 1)",
         aliases=("/negative_prompt",),
+        label="Negative prompt",
     ),
     Param(
         "prompt_blend",
         Kind.BLEND,
         (),
         "weighted prompts blended in embedding space: text, weight, text, weight, ...",
+        label="Prompt blend",
     ),
-    Param("seed", Kind.INT, 2, "noise seed", 0, SEED_MAX, aliases=("/seed",)),
+    Param("seed", Kind.INT, 2, "noise seed", 0, SEED_MAX, aliases=("/seed",), label="Seed"),
     Param(
         "guidance",
         Kind.FLOAT,
@@ -88,9 +112,17 @@ PARAMS: tuple[Param, ...] = (
         0.0,
         10.0,
         aliases=("/guidance_scale",),
+        label="Guidance",
     ),
     Param(
-        "delta", Kind.FLOAT, 1.0, "residual CFG: scale of the virtual negative", 0.0, 5.0, aliases=("/delta",)
+        "delta",
+        Kind.FLOAT,
+        1.0,
+        "residual CFG: scale of the virtual negative",
+        0.0,
+        5.0,
+        aliases=("/delta",),
+        label="Delta (residual CFG)",
     ),
     Param(
         "strength",
@@ -99,6 +131,7 @@ PARAMS: tuple[Param, ...] = (
         "how far the output departs from the input (sets t_index_list for the current step count)",
         0.0,
         1.0,
+        label="Strength",
     ),
     Param(
         "t_index_list",
@@ -108,12 +141,27 @@ PARAMS: tuple[Param, ...] = (
         0,
         NUM_INFERENCE_STEPS - 1,
         aliases=("/t_list",),
+        label="Denoising steps",
     ),
-    Param("ssf/enabled", Kind.BOOL, False, "stochastic similarity filter: skip near-identical input frames"),
-    Param("ssf/threshold", Kind.FLOAT, 0.98, "similarity above which frames may be skipped", 0.0, 1.0),
-    Param("ssf/max_skip", Kind.INT, 10, "most frames skipped in a row", 0, 100),
-    Param("freeze", Kind.BOOL, False, "hold the current output"),
-    Param("bypass", Kind.BOOL, False, "pass the input through untouched"),
+    Param(
+        "ssf/enabled",
+        Kind.BOOL,
+        False,
+        "stochastic similarity filter: skip near-identical input frames",
+        label="Similarity filter",
+    ),
+    Param(
+        "ssf/threshold",
+        Kind.FLOAT,
+        0.98,
+        "similarity above which frames may be skipped",
+        0.0,
+        1.0,
+        label="Skip threshold",
+    ),
+    Param("ssf/max_skip", Kind.INT, 10, "most frames skipped in a row", 0, 100, label="Max skipped frames"),
+    Param("freeze", Kind.BOOL, False, "hold the current output", label="Freeze"),
+    Param("bypass", Kind.BOOL, False, "pass the input through untouched", label="Bypass"),
     # config-only: changing these means loading or rebuilding the model
     Param(
         "model",
@@ -122,6 +170,7 @@ PARAMS: tuple[Param, ...] = (
         "embedded name, local folder, .safetensors file or hub id",
         live=False,
         reload_reason="loading a model takes seconds to minutes and is never done over OSC",
+        label="Model",
     ),
     Param(
         "width",
@@ -132,6 +181,7 @@ PARAMS: tuple[Param, ...] = (
         2048,
         live=False,
         reload_reason="buffers and compiled graphs are sized to it",
+        label="Width",
     ),
     Param(
         "height",
@@ -142,6 +192,7 @@ PARAMS: tuple[Param, ...] = (
         2048,
         live=False,
         reload_reason="buffers and compiled graphs are sized to it",
+        label="Height",
     ),
     Param(
         "cfg_type",
@@ -151,6 +202,7 @@ PARAMS: tuple[Param, ...] = (
         live=False,
         choices=("none", "full", "self", "initialize"),
         reload_reason="it changes the UNet batch layout",
+        label="Guidance mode",
     ),
     Param(
         "acceleration",
@@ -160,6 +212,7 @@ PARAMS: tuple[Param, ...] = (
         live=False,
         choices=("none", "compile"),
         reload_reason="it rebuilds the model graph",
+        label="Acceleration",
     ),
 )
 
@@ -186,11 +239,11 @@ def _number(param: Param, arg: Any) -> float:
         try:
             x = float(arg.strip())
         except ValueError:
-            raise ParamError(f"{param.name} expects a number, got the string {arg!r}") from None
+            raise ParamError(f"{param.name} expects a number, got the string {shown(arg)}") from None
     else:
-        raise ParamError(f"{param.name} expects a number, got {type(arg).__name__} {arg!r}")
+        raise ParamError(f"{param.name} expects a number, got {type(arg).__name__} {shown(arg)}")
     if not math.isfinite(x):
-        raise ParamError(f"{param.name} expects a finite number, got {arg!r}")
+        raise ParamError(f"{param.name} expects a finite number, got {shown(arg)}")
     return x
 
 
@@ -223,7 +276,7 @@ def _boolean(param: Param, arg: Any) -> bool:
         return _number(param, arg) >= 0.5  # a fader or a TD toggle sending 0.0/1.0
     if isinstance(arg, str) and arg.strip().lower() in _TRUE | _FALSE:
         return arg.strip().lower() in _TRUE
-    raise ParamError(f"{param.name} expects true/false (or 1/0), got {arg!r}")
+    raise ParamError(f"{param.name} expects true/false (or 1/0), got {shown(arg)}")
 
 
 def coerce(param: Param, args: Sequence[Any]) -> Coerced:
@@ -239,15 +292,16 @@ def coerce(param: Param, args: Sequence[Any]) -> Coerced:
     if kind is Kind.INT_LIST:
         return _int_list(param, args)
     if len(args) != 1:
-        raise ParamError(f"{param.name} expects one value, got {len(args)}: {list(args)!r}")
+        raise ParamError(f"{param.name} expects one value, got {len(args)}: {shown(list(args))}")
     arg = args[0]
     if kind is Kind.STRING:
         if not isinstance(arg, str):
-            raise ParamError(f"{param.name} expects a string, got {type(arg).__name__} {arg!r}")
+            raise ParamError(f"{param.name} expects a string, got {type(arg).__name__} {shown(arg)}")
+        _check_text(param, arg)
         return Coerced(arg)
     if kind is Kind.CHOICE:
         if arg not in param.choices:
-            raise ParamError(f"{param.name} must be one of {', '.join(param.choices)}, got {arg!r}")
+            raise ParamError(f"{param.name} must be one of {', '.join(param.choices)}, got {shown(arg)}")
         return Coerced(arg)
     if kind is Kind.BOOL:
         return Coerced(_boolean(param, arg))
@@ -276,7 +330,7 @@ def coerce_norm(param: Param, args: Sequence[Any]) -> Coerced:
 
 def _int_list(param: Param, args: Sequence[Any]) -> Coerced:
     if not 1 <= len(args) <= MAX_STEPS:
-        raise ParamError(f"{param.name} expects 1 to {MAX_STEPS} ints, got {len(args)}")
+        raise ParamError(f"{param.name} expects 1 to {MAX_STEPS} ints, got {len(args)}")  # bounds the work
     values: list[int] = []
     warnings: list[str] = []
     for arg in args:
@@ -289,16 +343,30 @@ def _int_list(param: Param, args: Sequence[Any]) -> Coerced:
     return Coerced(tuple(values), "; ".join(warnings))
 
 
+def _check_text(param: Param, text: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ParamError(
+            f"{param.name} is {len(text)} characters long ({shown(text)}); the most is "
+            f"{MAX_PROMPT_CHARS} (CLIP reads only its first 77 tokens, about 300 characters)"
+        )
+
+
 def _blend(param: Param, args: Sequence[Any]) -> Coerced:
     if not args or len(args) % 2:
         raise ParamError(f"{param.name} expects pairs of text and weight, got {len(args)} argument(s)")
+    if len(args) // 2 > MAX_BLEND_ENTRIES:
+        raise ParamError(
+            f"{param.name} has {len(args) // 2} entries; the most is {MAX_BLEND_ENTRIES} "
+            "(each new text is one text-encoder call); blend fewer prompts"
+        )
     pairs: list[tuple[str, float]] = []
     for text, weight in zip(args[::2], args[1::2], strict=True):
         if not isinstance(text, str):
-            raise ParamError(f"{param.name}: each pair starts with a text, got {text!r}")
+            raise ParamError(f"{param.name}: each pair starts with a text, got {shown(text)}")
+        _check_text(param, text)
         w = _number(param, weight)
         if w < 0:
-            raise ParamError(f"{param.name}: weights must be >= 0, got {w:g} for {text!r}")
+            raise ParamError(f"{param.name}: weights must be >= 0, got {w:g} for {shown(text)}")
         pairs.append((text, w))
     if sum(w for _, w in pairs) <= 0:
         raise ParamError(f"{param.name}: the weights sum to 0; at least one must be positive")
@@ -340,6 +408,8 @@ class ParamStore:
 
     Any thread may `submit` (latest value wins per name). The runtime alone calls
     `take_pending` between frames, applies what it can, and `commit`s the values it applied.
+    A taken value is "in flight" until it is committed or the next `take_pending` (the engine
+    refused it), so `latest`/`newest` never fall back to the old value while it is applied.
     """
 
     def __init__(self, initial: Mapping[str, Any]) -> None:
@@ -350,6 +420,7 @@ class ParamStore:
         self._values: dict[str, Any] = {name: p.default for name, p in LIVE.items()}
         self._values.update(initial)
         self._pending: dict[str, Pending] = {}
+        self._in_flight: dict[str, Pending] = {}  # taken by the runtime, not committed yet
         self._changed: set[str] = set()
         self._version = 0
 
@@ -365,6 +436,7 @@ class ParamStore:
     def take_pending(self) -> dict[str, Pending]:
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._in_flight = dict(pending)
             return pending
 
     def commit(self, name: str, value: Any) -> None:
@@ -372,6 +444,7 @@ class ParamStore:
             if self._values.get(name) != value:
                 self._changed.add(name)
             self._values[name] = value
+            self._in_flight.pop(name, None)
 
     def get(self, name: str) -> Any:
         with self._lock:
@@ -379,9 +452,13 @@ class ParamStore:
 
     def latest(self, name: str) -> Any:
         """The newest value for `name`: a pending submission, else the applied value."""
+        return self.newest(name)[0]
+
+    def newest(self, name: str) -> tuple[Any, bool]:
+        """(the newest value for `name`, whether it is still waiting to be applied)."""
         with self._lock:
-            pending = self._pending.get(name)
-            return pending.value if pending is not None else self._values[name]
+            pending = self._pending.get(name) or self._in_flight.get(name)
+            return (pending.value, True) if pending is not None else (self._values[name], False)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -420,6 +497,7 @@ def table(params: Iterable[Param] = PARAMS) -> list[dict[str, Any]]:
                 "max": p.maximum,
                 "live": p.live,
                 "doc": p.doc,
+                "label": p.label,
                 "address": p.address,
                 "norm_address": f"{p.address}/norm" if p.live and p.numeric else None,
                 "aliases": list(p.aliases),
@@ -441,7 +519,7 @@ def text_args(param: Param, text: str) -> list[Any]:
         for item in text.split("|"):
             body, sep, weight = item.rpartition(":")
             if not sep:
-                raise ParamError(f"{param.name}: write each entry as text:weight, got {item.strip()!r}")
+                raise ParamError(f"{param.name}: write each entry as text:weight, got {shown(item.strip())}")
             args += [body.strip(), weight.strip()]
         return args
     return [text]

@@ -3,16 +3,20 @@ rejections on /sd/error, counters, bundles with future timetags, bursts; then re
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.osc_packet import OscPacket
 
-from bridge.control.osc import OscControl, OscServer, StatusPublisher, encode
+from bridge.control.osc import Inbox, OscControl, OscServer, StatusPublisher, encode
 from bridge.control.status import Status
 from bridge.control.wire import decode_reply, typed_args
 from bridge.params import BY_NAME, LIVE, Kind, ParamStore
@@ -187,6 +191,27 @@ def test_a_burst_of_1000_messages_keeps_the_latest() -> None:
     assert control.counters.accepted == 1000 and control.counters.messages == 1000
 
 
+def messages(datagram: bytes) -> list[tuple[str, list[Any]]]:
+    """Every message in a datagram (a plain message or a bundle), as (address, args)."""
+    return [(m.message.address, list(m.message.params)) for m in OscPacket(datagram).messages]
+
+
+def test_get_right_after_a_set_answers_the_new_value_and_says_it_is_pending() -> None:
+    store = ParamStore({})
+    raw: list[bytes] = []
+    control = OscControl(store, send=lambda datagram, target: raw.append(datagram))
+    control.handle_datagram(encode("/sd/guidance/norm", [0.3]), SENDER)
+    control.handle_datagram(encode("/sd/get", ["guidance", "seed"]), SENDER)
+    assert messages(raw[0]) == [("/sd/guidance", [pytest.approx(3.0)]), ("/sd/pending", ["/sd/guidance"])]
+    assert messages(raw[1]) == [("/sd/seed", [2])]  # nothing pending: a plain message
+    assert decode_reply(raw[0]) == ("/sd/guidance", [pytest.approx(3.0)])  # what plain clients read
+    for name, item in store.take_pending().items():  # the runtime applies it between frames
+        store.commit(name, item.value)
+    raw.clear()
+    control.handle_datagram(encode("/sd/get", ["guidance"]), SENDER)
+    assert messages(raw[0]) == [("/sd/guidance", [pytest.approx(3.0)])]
+
+
 def test_get_replies_to_the_sender() -> None:
     control, store, replies = make()
     store.commit("guidance", 2.0)
@@ -268,7 +293,8 @@ def test_real_udp_round_trip() -> None:
             client.sendto(encode("/sd/seed", [77]), server.address)
             client.sendto(encode("/sd/get", ["seed"]), server.address)
             data, _ = client.recvfrom(65536)
-            assert decode_reply(data) == ("/sd/seed", [2])  # applied only between frames
+            # the newest accepted value, marked as not applied yet (no frame ran in between)
+            assert messages(data) == [("/sd/seed", [77]), ("/sd/pending", ["/sd/seed"])]
         deadline = time.monotonic() + 5
         while (
             "seed" not in (got := {n: p.value for n, p in store.take_pending().items()})
@@ -297,3 +323,148 @@ def test_builder_matches_literal_bytes() -> None:
         encode("/sd/seed", [42]) == bytes(b.build().dgram) == literal("/sd/seed", "i", struct.pack(">i", 42))
     )
     assert BY_NAME["seed"].address == "/sd/seed"
+
+
+def test_unknown_addresses_are_rate_limited_globally(caplog: pytest.LogCaptureFixture) -> None:
+    control, _, replies = make()
+    caplog.set_level(logging.WARNING, logger="bridge.control.osc")
+    for i in range(20_000):
+        control.handle_datagram(encode(f"/nosuch/{i}", [1]), SENDER)
+    assert control.counters.unknown == 20_000
+    lines = [r for r in caplog.records if "unknown address" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, len(lines)  # one per 5 s interval, whatever the addresses
+    control.handle_datagram(encode("/" + "x" * 10_000, []), SENDER)
+    address, _ = replies.errors()[-1]
+    assert len(address) < 250 and address.endswith("(10001 characters)")
+
+
+def test_the_inbox_keeps_the_latest_datagram_per_address_in_order_of_last_arrival() -> None:
+    inbox = Inbox(frozenset({b"/sd/seed", b"/sd/guidance", b"/sd/guidance/norm"}))
+    other = ("127.0.0.1", 50009)
+    for datagram, sender in [
+        (encode("/sd/guidance", [1.0]), SENDER),
+        (encode("/sd/guidance/norm", [0.5]), SENDER),
+        (encode("/sd/get", ["seed"]), SENDER),
+        (encode("/sd/seed", [1]), other),
+        (encode("/sd/guidance", [2.0]), SENDER),  # replaces 1.0, and comes after the /norm
+        (encode("/sd/get", ["seed"]), SENDER),  # /sd/get is never merged
+        (encode("/sd/seed", [3]), SENDER),  # another sender's seed: both kept
+    ]:
+        inbox.put(datagram, sender)
+    got = [(decode_reply(d), s) for d, s in inbox.take(0)]
+    assert got == [
+        (("/sd/guidance/norm", [0.5]), SENDER),
+        (("/sd/get", ["seed"]), SENDER),
+        (("/sd/seed", [1]), other),
+        (("/sd/guidance", [2.0]), SENDER),
+        (("/sd/get", ["seed"]), SENDER),
+        (("/sd/seed", [3]), SENDER),
+    ]
+    assert inbox.superseded == 1 and inbox.take(0) == []
+
+
+def test_a_full_inbox_drops_the_oldest_and_counts_it() -> None:
+    inbox = Inbox(frozenset(), capacity=3)
+    for i in range(5):
+        inbox.put(encode("/nosuch", [i]), SENDER)
+    assert [decode_reply(d)[1] for d, _ in inbox.take(0)] == [[2], [3], [4]]
+    assert inbox.overflowed == 2
+
+
+BURST_SENDER = """
+import socket, struct, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def message(address, tag, payload):
+    pad = lambda b: b + b"\\0" * (4 - len(b) % 4)
+    return pad(address.encode()) + pad(("," + tag).encode()) + payload
+burst = []
+for i in range(n):  # seed 0, 1, 2, ... and guidance 0.00, 0.01, ... interleaved
+    burst.append(message("/sd/seed", "i", struct.pack(">i", i)))
+    burst.append(message("/sd/guidance", "f", struct.pack(">f", (i % 1000) / 100)))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    for datagram in burst:
+        sock.sendto(datagram, ("127.0.0.1", port))
+"""
+
+
+def test_a_real_udp_burst_of_20000_changes_ends_on_its_final_values() -> None:
+    """Another process (as TouchDesigner is) sends 10,000 seeds and 10,000 guidances as fast as
+    it can; the bridge must end on the last of each, however many it parsed on the way."""
+    store = ParamStore({})
+    server = OscServer("127.0.0.1", 0)
+    if server.rcvbuf_bytes < 20_000 * 1024:
+        server.close()
+        pytest.skip(
+            f"the OS gave a {server.rcvbuf_bytes}-byte UDP receive buffer, too small to hold a "
+            "20,000-datagram burst if this loaded machine starves the bridge of CPU; raise it with "
+            "'sysctl -w net.core.rmem_max=16777216'"
+        )
+    control = OscControl(store, send=server.send)
+    server.start(control)
+    try:
+        subprocess.run(
+            [sys.executable, "-c", BURST_SENDER, str(server.address[1]), "10000"], check=True, timeout=60
+        )
+        final = {"seed": 9999, "guidance": pytest.approx(9.99)}
+        deadline = time.monotonic() + 10
+        while {n: store.latest(n) for n in final} != final:
+            assert time.monotonic() < deadline, ({n: store.latest(n) for n in final}, control.counters)
+            time.sleep(0.01)
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux reports its UDP drops")
+def test_datagrams_the_kernel_drops_are_counted() -> None:
+    store = ParamStore({})
+    server = OscServer("127.0.0.1", 0, rcvbuf_bytes=1)  # the smallest buffer the kernel allows
+    control = OscControl(store, send=server.send)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for i in range(2000):  # nobody reads yet: the buffer fills and the kernel drops
+                client.sendto(encode("/sd/seed", [i]), server.address)
+            server.start(control)
+            client.sendto(encode("/sd/delta", [0.5]), server.address)  # carries the drop count
+            deadline = time.monotonic() + 10
+            while store.latest("delta") != 0.5 or control.counters.kernel_dropped == 0:
+                assert time.monotonic() < deadline, control.counters
+                time.sleep(0.01)
+        assert 0 < control.counters.kernel_dropped < 2000
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux reports its UDP drops")
+def test_drops_at_the_end_of_a_burst_are_counted_too() -> None:
+    """No later datagram carries their count, so it comes from /proc/net/udp."""
+    store = ParamStore({})
+    server = OscServer("127.0.0.1", 0, rcvbuf_bytes=1)
+    control = OscControl(store, send=server.send)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for i in range(2000):
+                client.sendto(encode("/sd/seed", [i]), server.address)
+        server.start(control)
+        deadline = time.monotonic() + 10
+        while control.counters.kernel_dropped == 0:
+            assert time.monotonic() < deadline, control.counters
+            time.sleep(0.01)
+        assert store.latest("seed") < 1999  # the last ones were the kernel's to drop
+    finally:
+        server.close()
+
+
+def test_a_huge_prompt_or_blend_is_refused_on_sd_error_and_loses_nothing() -> None:
+    control, store, replies = make()
+    control.handle_datagram(encode("/sd/prompt", ["neon city"]), SENDER)
+    control.handle_datagram(encode("/sd/prompt", ["x" * 60_000]), SENDER)  # near the UDP limit
+    control.handle_datagram(
+        encode("/sd/prompt_blend", [x for i in range(1000) for x in (f"p{i}", 1.0)]), SENDER
+    )
+    control.handle_datagram(encode("/sd/t_index_list", list(range(11))), SENDER)
+    errors = replies.errors()
+    assert [address for address, _ in errors] == ["/sd/prompt", "/sd/prompt_blend", "/sd/t_index_list"]
+    assert errors[0][1].startswith("prompt is 60000 characters long") and len(errors[0][1]) < 400
+    assert errors[1][1].startswith("prompt_blend has 1000 entries; the most is 16")
+    assert errors[2][1] == "t_index_list expects 1 to 10 ints, got 11"
+    assert pending(store) == {"prompt": "neon city"}

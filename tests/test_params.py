@@ -9,6 +9,8 @@ import pytest
 from bridge.params import (
     BY_NAME,
     LIVE,
+    MAX_BLEND_ENTRIES,
+    MAX_PROMPT_CHARS,
     PARAMS,
     Kind,
     ParamError,
@@ -42,6 +44,16 @@ def test_rows_are_complete_and_defaults_valid() -> None:
             assert coerce(p, args).value == p.default, p.name
         if not p.live:
             assert p.reload_reason, p.name
+
+
+def test_every_parameter_has_a_human_label() -> None:
+    labels = {p.name: p.label for p in PARAMS}
+    assert all(labels.values()), [name for name, label in labels.items() if not label]
+    assert len(set(labels.values())) == len(labels), "two parameters share a label"
+    assert labels["ssf/enabled"] == "Similarity filter"
+    assert labels["ssf/threshold"] == "Skip threshold"
+    assert labels["ssf/max_skip"] == "Max skipped frames"
+    assert [row["label"] for row in table()] == list(labels.values())
 
 
 def test_td_names_and_aliases() -> None:
@@ -102,6 +114,36 @@ def test_coerce_rejects_with_reason(name: str, args: list[object], reason: str) 
     assert reason in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_a_prompt_longer_than_the_cap_is_refused_with_a_short_reason(name: str) -> None:
+    assert coerce(BY_NAME[name], ["x" * MAX_PROMPT_CHARS]).value == "x" * MAX_PROMPT_CHARS
+    with pytest.raises(ParamError) as info:
+        coerce(BY_NAME[name], ["x" * 5_000_000])
+    reason = str(info.value)
+    assert reason.startswith(f"{name} is 5000000 characters long ('xxx")
+    assert f"the most is {MAX_PROMPT_CHARS}" in reason
+    assert len(reason) < 400  # the 5 MB value is not quoted whole
+
+
+def test_blends_are_capped_in_entries_and_text_length() -> None:
+    blend = BY_NAME["prompt_blend"]
+    most = [x for i in range(MAX_BLEND_ENTRIES) for x in (f"p{i}", 1.0)]
+    assert len(coerce(blend, most).value) == MAX_BLEND_ENTRIES
+    with pytest.raises(ParamError, match=rf"prompt_blend has 1000 entries; the most is {MAX_BLEND_ENTRIES}"):
+        coerce(blend, [x for i in range(1000) for x in (f"p{i}", 1.0)])
+    with pytest.raises(ParamError, match="prompt_blend is 3000 characters long"):
+        coerce(blend, ["y" * 3000, 1.0])
+
+
+def test_values_quoted_in_reasons_are_cut() -> None:
+    with pytest.raises(ParamError) as info:
+        coerce(BY_NAME["guidance"], ["z" * 100_000])
+    assert len(str(info.value)) < 300 and "100002 characters" in str(info.value)
+    with pytest.raises(ParamError) as info:
+        coerce(BY_NAME["seed"], list(range(50_000)))
+    assert len(str(info.value)) < 300
+
+
 def test_norm_maps_onto_the_range() -> None:
     assert coerce_norm(BY_NAME["guidance"], [0.5]).value == pytest.approx(5.0)
     assert coerce_norm(BY_NAME["ssf/max_skip"], [0.25]).value == 25
@@ -150,3 +192,18 @@ def test_store_latest_wins_and_reports_changes() -> None:
     assert store.take_changed() == {}
     with pytest.raises(KeyError):
         ParamStore({"model": "x"})
+
+
+def test_newest_says_pending_until_the_runtime_commits() -> None:
+    store = ParamStore({})
+    store.submit("guidance", 3.0)
+    assert store.newest("guidance") == (3.0, True)
+    store.take_pending()  # the runtime is applying it
+    assert store.newest("guidance") == (3.0, True) and store.get("guidance") == 1.2
+    store.commit("guidance", 3.0)
+    assert store.newest("guidance") == (3.0, False)
+    store.submit("seed", 5)
+    store.take_pending()  # the engine refuses it: never committed
+    assert store.latest("seed") == 5
+    store.take_pending()  # the next frame boundary
+    assert store.newest("seed") == (2, False)

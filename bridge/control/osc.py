@@ -1,26 +1,46 @@
 """OSC control: routing from datagrams to the parameter store, replies, counters, status out.
 
 `OscControl` takes bytes and a sender address and never sees a socket, so tests feed it literal
-datagrams. `OscServer` is the thin shell: one thread reading a UDP socket. `StatusPublisher`
-sends `/sd/status/*` and changed parameter values to the configured targets.
+datagrams. `OscServer` is the thin shell: a receive thread that only drains the UDP socket into
+an `Inbox` (a newer datagram to the same parameter address replaces the older one, so a burst
+costs the parser one message per address, and its last value always wins), and a parse thread
+that hands what waits there to the `OscControl`. `StatusPublisher` sends `/sd/status/*` and
+changed parameter values to the configured targets.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 import socket
+import struct
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from pythonosc.dispatcher import Dispatcher
+from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
 from bridge.control.status import RateLimitedLog, Status
-from bridge.params import BY_NAME, LIVE, Coerced, Param, ParamError, ParamStore, coerce, coerce_norm, osc_args
+from bridge.params import (
+    BY_NAME,
+    LIVE,
+    Coerced,
+    Param,
+    ParamError,
+    ParamStore,
+    coerce,
+    coerce_norm,
+    osc_args,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +49,21 @@ SendFn = Callable[[bytes, Address], None]
 
 ERROR_ADDRESS = "/sd/error"
 GET_ADDRESS = "/sd/get"
+# A /sd/get reply whose value was accepted but not applied yet comes as a bundle: the value's
+# message first (what a plain client reads), then `/sd/pending <address>`.
+PENDING_ADDRESS = "/sd/pending"
+
+# Asked of the OS for the socket's receive buffer. Linux gives twice the number (its bookkeeping
+# counts ~830 bytes per small datagram, so 2 x 16 MB hold a 20,000-message burst even while the
+# bridge is starved of CPU) and caps a plain request at net.core.rmem_max; SO_RCVBUFFORCE
+# (Linux's value 33, with CAP_NET_ADMIN) goes past the cap.
+RCVBUF_BYTES = 16 * 1024 * 1024
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
+DROPS_EVERY_S = 1.0  # how often /proc/net/udp is read for drops no later datagram reported
+INBOX_DATAGRAMS = 4096  # most datagrams waiting for the parse thread; the oldest go first
+# Linux's SO_RXQ_OVFL (include/uapi/asm-generic/socket.h): recvmsg then carries, as ancillary
+# data, a uint32 count of datagrams the kernel dropped on this socket for a full buffer.
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 
 
 def encode(address: str, args: Sequence[Any] = ()) -> bytes:
@@ -36,6 +71,14 @@ def encode(address: str, args: Sequence[Any] = ()) -> bytes:
     builder = OscMessageBuilder(address=address)
     for arg in args:
         builder.add_arg(arg)
+    return bytes(builder.build().dgram)
+
+
+def encode_bundle(datagrams: Sequence[bytes]) -> bytes:
+    """OSC messages (as datagrams) in one bundle, timetag "immediately"."""
+    builder = OscBundleBuilder(IMMEDIATELY)
+    for datagram in datagrams:
+        builder.add_content(OscMessage(datagram))
     return bytes(builder.build().dgram)
 
 
@@ -60,6 +103,10 @@ class OscCounters:
     unknown: int = 0  # messages to addresses we do not serve
     denied: int = 0  # datagrams from senders outside the allowlist
     handler_errors: int = 0  # bugs: a handler raised; the server thread carries on
+    # set by OscServer (tests feeding handle_datagram leave them at 0):
+    superseded: int = 0  # replaced before parsing by a newer datagram to the same address
+    overflowed: int = 0  # dropped from a full inbox (INBOX_DATAGRAMS), the oldest first
+    kernel_dropped: int = 0  # dropped by the OS for a full socket buffer (Linux reports it)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -101,6 +148,7 @@ class OscControl:
                 if param.numeric:
                     self._route(f"{param.address}/norm", self._setter(param, coerce_norm))
         self._route(GET_ADDRESS, self._get)
+        self._roots = frozenset(a.split("/", 2)[1] for a in self._addresses)
         self.dispatcher.set_default_handler(self._unknown, needs_reply_address=True)
 
     @property
@@ -163,18 +211,45 @@ class OscControl:
             name = raw.removeprefix("/sd/")
             param = BY_NAME.get(name)
             if param is None:
-                self.reject(address, f"no parameter {raw!r}{_suggest(name, list(BY_NAME))}", sender)
+                hint = _suggest(name, list(BY_NAME)) if len(name) <= 64 else ""
+                self.reject(address, f"no parameter {shown(raw)}{hint}", sender)
             elif not param.live:
                 self.reject(address, f"{name} is config-only; it is not readable over OSC", sender)
             else:
-                self._send(encode(param.address, osc_args(param, self.store.get(name))), sender)
+                # the newest accepted value, also before the engine's next frame has applied it
+                value, pending = self.store.newest(name)
+                reply = encode(param.address, osc_args(param, value))
+                if pending:
+                    reply = encode_bundle([reply, encode(PENDING_ADDRESS, [param.address])])
+                self._send(reply, sender)
 
     def _unknown(self, sender: Address, address: str, *args: Any) -> None:
         self.counters.messages += 1
         self.counters.unknown += 1
-        hint = _suggest(address, self._addresses)
-        self._log.warning(f"unknown:{address}", f"OSC to unknown address {address!r}{hint}")
+        hint = self._hint(address)
+        # one key for every unknown address: a flood of distinct ones is one line per interval,
+        # and the limiter's table stays one entry
+        self._log.warning("unknown", f"OSC to unknown address {shown(address)}{hint}")
         self._reply_error(address, f"unknown address{hint}", sender)
+
+    def _hint(self, address: str) -> str:
+        """'; did you mean ...?' for a likely typo: a short address under a root we serve (/sd/,
+        /prompt, ...). Matching costs about half a millisecond, so a flood of made-up addresses
+        elsewhere skips it."""
+        root = address.split("/", 2)[1] if address.count("/") else ""
+        if len(address) > 64 or root not in self._roots:
+            return ""
+        return _suggest(address, self._addresses)
+
+    def note_kernel_drops(self, total: int) -> None:
+        """Record the OS's count of datagrams it dropped for a full buffer (from the server)."""
+        new = total - self.counters.kernel_dropped
+        self.counters.kernel_dropped = total
+        self._log.warning(
+            "kernel_dropped",
+            f"OSC: the OS dropped {new} datagram(s) for a full receive buffer ({total} in all); "
+            "the sender outpaces the bridge",
+        )
 
     def reject(self, address: str, reason: str, sender: Address | None) -> None:
         """Count, log and report a refused message on /sd/error."""
@@ -183,6 +258,7 @@ class OscControl:
         self._reply_error(address, reason, sender)
 
     def _reply_error(self, address: str, reason: str, sender: Address | None) -> None:
+        address = address if len(address) <= 200 else f"{address[:170]}... ({len(address)} characters)"
         self.last_error = f"{address}: {reason}"
         datagram = encode(ERROR_ADDRESS, [address, reason])
         targets = {*self._error_targets, *([sender] if sender else [])}
@@ -195,14 +271,67 @@ def _suggest(name: str, valid: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-class OscServer:
-    """One thread reading UDP datagrams into an `OscControl`; replies leave from the same socket.
+class Inbox:
+    """Datagrams between the receive thread and the parse thread, latest wins per address.
 
-    `start()` once; `close()` stops the thread and releases the port (idempotent, any thread).
+    A datagram holding one message to a parameter address replaces the one still waiting from
+    the same sender to the same address (`superseded`), and takes its place at the end, so the
+    parse order stays the order of last arrival and a burst's final value is parsed last.
+    Anything else (bundles, /sd/get, unknown addresses, junk) waits in arrival order. At most
+    `capacity` datagrams wait; beyond that the oldest is dropped (`overflowed`).
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, coalesce: frozenset[bytes], *, capacity: int = INBOX_DATAGRAMS) -> None:
+        self._coalesce = coalesce
+        self._capacity = capacity
+        self._items: dict[Hashable, tuple[bytes, Address]] = {}
+        self._arrivals = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.superseded = 0
+        self.overflowed = 0
+
+    def put(self, data: bytes, sender: Address) -> None:
+        end = data.find(b"\0")
+        address = data[:end] if end > 0 else b""
+        with self._lock:
+            key: Hashable
+            if address in self._coalesce:
+                key = (sender, address)
+                if self._items.pop(key, None) is not None:
+                    self.superseded += 1
+            else:
+                self._arrivals += 1
+                key = self._arrivals
+            self._items[key] = (data, sender)
+            if len(self._items) > self._capacity:
+                del self._items[next(iter(self._items))]
+                self.overflowed += 1
+        self._ready.set()
+
+    def take(self, timeout_s: float) -> list[tuple[bytes, Address]]:
+        """Everything waiting, in order; waits up to `timeout_s` when nothing is."""
+        self._ready.wait(timeout_s)
+        with self._lock:
+            self._ready.clear()
+            items, self._items = list(self._items.values()), {}
+        return items
+
+
+class OscServer:
+    """A UDP socket drained by a receive thread into an `Inbox`, and a parse thread feeding an
+    `OscControl`; replies leave from the same socket.
+
+    `start()` once; `close()` stops both threads and releases the port (idempotent, any thread).
+    The receive thread does nothing but `recvmsg` and a dictionary store, so it keeps the
+    socket buffer from filling while the parser works through a burst; the buffer is asked to
+    be `rcvbuf_bytes` large, and on Linux the kernel's own drops are counted.
+    """
+
+    def __init__(self, host: str, port: int, *, rcvbuf_bytes: int = RCVBUF_BYTES) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rcvbuf_bytes = _ask_rcvbuf(self._sock, rcvbuf_bytes)
+        self._counts_drops = _ask_drop_count(self._sock)
         try:
             self._sock.bind((host, port))
         except OSError as exc:
@@ -211,10 +340,11 @@ class OscServer:
                 f"cannot listen for OSC on {host}:{port}: {exc.strerror or exc}. Is another bridge "
                 "running? Pick another port with --set osc.port=..."
             ) from exc
-        self._sock.settimeout(0.1)  # how often the thread looks at the stop flag
+        self._sock.settimeout(0.1)  # how often the receive thread looks at the stop flag
         self.address: Address = self._sock.getsockname()
+        self.kernel_dropped = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def send(self, datagram: bytes, target: Address) -> None:
@@ -225,29 +355,113 @@ class OscServer:
             log.debug("OSC send to %s failed: %s", target, exc)
 
     def start(self, control: OscControl) -> None:
-        def serve() -> None:
+        coalesce = frozenset(a.encode() for a in control.addresses if a != GET_ADDRESS)
+        inbox = Inbox(coalesce)
+
+        def receive() -> None:
             while not self._stop.is_set():
                 try:
-                    data, sender = self._sock.recvfrom(65536)
+                    if self._counts_drops:
+                        data, cmsgs, _flags, sender = self._sock.recvmsg(65536, socket.CMSG_SPACE(4))
+                    else:  # no drop count to read (and Windows has no recvmsg)
+                        (data, sender), cmsgs = self._sock.recvfrom(65536), []
                 except TimeoutError:
                     continue
                 except OSError:
                     if self._stop.is_set():
                         return
                     continue  # e.g. ICMP port unreachable surfacing on Windows
-                control.handle_datagram(data, sender)
+                for level, kind, payload in cmsgs:
+                    if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(payload) >= 4:
+                        # the socket's drops since it opened, as of this datagram
+                        self.kernel_dropped = max(self.kernel_dropped, struct.unpack("=I", payload[:4])[0])
+                inbox.put(data, sender)
 
-        self._thread = threading.Thread(target=serve, name="osc-server", daemon=True)
-        self._thread.start()
+        def parse() -> None:
+            counters = control.counters
+            next_look = 0.0
+            while not self._stop.is_set():
+                for data, sender in inbox.take(0.1):
+                    control.handle_datagram(data, sender)
+                counters.superseded, counters.overflowed = inbox.superseded, inbox.overflowed
+                if self._counts_drops and time.monotonic() >= next_look:
+                    # drops at the end of a burst: no later datagram carries their count
+                    next_look = time.monotonic() + DROPS_EVERY_S
+                    self.kernel_dropped = max(self.kernel_dropped, proc_udp_drops(self._sock) or 0)
+                if self.kernel_dropped != counters.kernel_dropped:
+                    control.note_kernel_drops(self.kernel_dropped)
+
+        for name, target in (("osc-receive", receive), ("osc-parse", parse)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
         with self._lock:
             if self._stop.is_set():
                 return
             self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)
+        for thread in self._threads:
+            thread.join(timeout=1.0)
         self._sock.close()
+
+
+def _ask_rcvbuf(sock: socket.socket, wanted: int) -> int:
+    """Ask for a `wanted`-byte receive buffer; returns what the OS gave (Linux reports double
+    the usable size and caps a plain request at net.core.rmem_max)."""
+    size = wanted
+    while True:  # macOS refuses (ENOBUFS) past kern.ipc.maxsockbuf rather than capping: halve
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            break
+        except OSError as exc:
+            if size <= 1 << 18:
+                log.info("OSC: the OS refused a %d-byte receive buffer: %s", size, exc)
+                break
+            size //= 2
+    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    if got < wanted and SO_RCVBUFFORCE is not None:  # allowed past rmem_max with CAP_NET_ADMIN only
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+            got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        except OSError:
+            pass
+    if got < wanted:
+        log.info(
+            "OSC receive buffer is %d bytes (asked for %d); on Linux raise the cap with "
+            "'sysctl -w net.core.rmem_max=%d' for long bursts",
+            got,
+            wanted,
+            wanted,
+        )
+    return got
+
+
+def proc_udp_drops(sock: socket.socket) -> int | None:
+    """The kernel's drop count for `sock` from /proc/net/udp (Linux: the last column, `drops`,
+    of the row whose inode is the socket's); None where there is no such file or row."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    try:
+        with open("/proc/net/udp", encoding="ascii") as table:
+            for line in table:
+                cols = line.split()
+                if len(cols) >= 13 and cols[9] == inode:
+                    return int(cols[12])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _ask_drop_count(sock: socket.socket) -> bool:
+    """Turn on the kernel's drop count (Linux); False where the OS has none."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    except OSError as exc:
+        log.debug("OSC: no kernel drop count here: %s", exc)
+        return False
+    return True
 
 
 class StatusPublisher:

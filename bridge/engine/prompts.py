@@ -1,13 +1,16 @@
 """Pre-computed prompt embeddings, cached by text, and weighted prompt blends.
 
 Each distinct text is encoded once through the pipeline's own `encode_prompt` (so embeddings
-match diffusers exactly, clip-skip and LoRA scale included) and kept; switching back to a text
-already seen costs no text-encoder call. SDXL conditioning carries a pooled embedding too.
+match diffusers exactly, clip-skip and LoRA scale included) and kept, up to `max_entries` texts
+(least recently used ones go first); switching back to a text still cached costs no
+text-encoder call. SDXL conditioning carries a pooled embedding too.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +19,11 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+# Texts kept: a show cycles through a few dozen prompts; each entry is (1, 77, 768..2048) on the
+# device (0.15-0.3 MB in fp16), so 64 cost at most ~20 MB. More than a blend's 16 entries plus
+# the prompt and negative, so one blend never evicts its own parts.
+CACHE_ENTRIES = 64
 
 PromptSpec = str | Sequence[tuple[str, float]]
 """A prompt: one text, or a weighted blend [(text, weight), ...] with weights >= 0."""
@@ -56,14 +64,22 @@ def normalize_prompt(prompt: PromptSpec, *, what: str = "prompt") -> tuple[tuple
 
 
 class PromptCache:
-    """Encodes prompts with the pipeline's text encoder(s) and caches the result per text."""
+    """Encodes prompts with the pipeline's text encoder(s) and caches the result per text, an LRU
+    of at most `max_entries` texts. Safe to call from several threads (an encoder thread and the
+    engine loop): the cache is locked, the text encoder runs outside the lock."""
 
-    def __init__(self, pipe: Any, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, pipe: Any, *, device: torch.device, dtype: torch.dtype, max_entries: int = CACHE_ENTRIES
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._pipe = pipe
         self._device = device
         self._dtype = dtype
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self._cache: dict[str, Conditioning] = {}
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0  # = text-encoder calls
 
@@ -73,11 +89,13 @@ class PromptCache:
     @torch.no_grad()
     def encode(self, text: str) -> Conditioning:
         """The conditioning of one text; encoded on first use only."""
-        cached = self._cache.get(text)
-        if cached is not None:
-            self.hits += 1
-            return cached
-        self.misses += 1
+        with self._lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self.hits += 1
+                self._cache.move_to_end(text)  # most recently used last; eviction pops the first
+                return cached
+            self.misses += 1
         if self.is_sdxl:
             embeds, _, pooled, _ = self._pipe.encode_prompt(
                 prompt=text, device=self._device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -86,8 +104,12 @@ class PromptCache:
         else:
             embeds, _ = self._pipe.encode_prompt(text, self._device, 1, False)
             cond = Conditioning(embeds.to(self._dtype), None)
-        self._cache[text] = cond
-        log.debug("encoded prompt %r (%d cached)", text, len(self._cache))
+        with self._lock:
+            self._cache[text] = cond
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            cached_count = len(self._cache)
+        log.debug("encoded prompt %r (%d cached)", text[:200], cached_count)
         return cond
 
     def negative(self, text: str) -> Conditioning:
