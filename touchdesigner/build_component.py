@@ -98,6 +98,10 @@ def page_of(row: dict[str, Any]) -> str:
 
 
 def label_of(row: dict[str, Any]) -> str:
+    """The table's human label, the same words OBS, the preview page and OSCQuery show; a spec
+    from before labels existed falls back to the name in words."""
+    if row.get("label"):
+        return str(row["label"])
     words = row["name"].replace("ssf/", "filter ").replace("/", " ").replace("_", " ")
     return words[:1].upper() + words[1:]
 
