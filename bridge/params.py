@@ -234,6 +234,8 @@ def coerce(param: Param, args: Sequence[Any]) -> Coerced:
             f"{param.name} is config-only ({param.reload_reason}); set it in the config and restart"
         )
     kind = param.kind
+    if kind in (Kind.BLEND, Kind.INT_LIST) and len(args) == 1 and isinstance(args[0], str):
+        args = text_args(param, args[0])  # the one-string form OSCQuery lists ("32 45", "a:0.5 | b:0.5")
     if kind is Kind.BLEND:
         return _blend(param, args)
     if kind is Kind.INT_LIST:
