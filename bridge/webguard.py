@@ -315,7 +315,9 @@ class GuardedServer(ThreadingHTTPServer):
     """A threading HTTP server with at most `max_connections` connection threads at once."""
 
     daemon_threads = True
-    request_queue_size = 128  # the listen backlog: a burst is accepted (and answered) rather than left in SYN retries
+    request_queue_size = (
+        128  # the listen backlog: a burst is accepted (and answered) rather than left in SYN retries
+    )
 
     def __init__(
         self,
