@@ -348,3 +348,26 @@ def test_a_preview_for_other_machines_warns_and_serves_its_addresses(
         assert exchange(sink.port, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")[0] == 403
     finally:
         sink.close()
+
+
+def test_websocket_listeners_outlive_the_deadline_and_count_against_the_cap(
+    oscquery: OscQueryServer, store: ParamStore
+) -> None:
+    ws_client = pytest.importorskip("websockets.sync.client")
+    from pythonosc.osc_message import OscMessage
+
+    url = f"ws://127.0.0.1:{oscquery.port}/"
+    get = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{oscquery.port}\r\n\r\n".encode()
+    with contextlib.ExitStack() as stack:
+        listeners = [stack.enter_context(ws_client.connect(url, open_timeout=5)) for _ in range(CAP)]
+        assert exchange(oscquery.port, get)[0] == 503  # every slot is listening
+        first = listeners[0]
+        first.send(json.dumps({"COMMAND": "LISTEN", "DATA": "/sd/delta"}))
+        time.sleep(TIMEOUT_S * 2.5)  # idle past the deadline: a listener is not a slowloris
+        store.commit("delta", 2.0)
+        message = OscMessage(first.recv(timeout=5))
+        assert (message.address, message.params) == ("/sd/delta", [2.0])
+    deadline = time.monotonic() + 5
+    while exchange(oscquery.port, get)[0] != 200:
+        assert time.monotonic() < deadline, "closed listeners never gave their slots back"
+        time.sleep(0.05)
