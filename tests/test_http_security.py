@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -371,3 +372,97 @@ def test_websocket_listeners_outlive_the_deadline_and_count_against_the_cap(
     while exchange(oscquery.port, get)[0] != 200:
         assert time.monotonic() < deadline, "closed listeners never gave their slots back"
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- a real browser
+class Browser:
+    """Headless Debian chromium driven over the DevTools protocol: one page, `goto(url)` and
+    `run(js)` (an awaited expression's value)."""
+
+    def __init__(self, tmp: Any) -> None:
+        import subprocess
+
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-port=0", f"--user-data-dir={tmp}", "about:blank"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while "DevTools listening on" not in line:
+            assert time.monotonic() < deadline and self.proc.poll() is None, "chromium did not start"
+            line = self.proc.stderr.readline()
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        import urllib.request
+
+        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        page = next(p for p in pages if p["type"] == "page")
+        self._stack = contextlib.ExitStack()
+        self.ws = self._stack.enter_context(
+            connect(page["webSocketDebuggerUrl"], open_timeout=10, max_size=2**24)
+        )
+        self._id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=20))
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply
+                return dict(reply["result"])
+
+    def goto(self, url: str, lands: str = "") -> None:
+        """Open `url` and wait for its document (the MJPEG stream never finishes loading) at
+        `lands` (default `url`; a redirect lands elsewhere)."""
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + 20
+        while self.run("document.readyState") == "loading" or self.run("location.href") != (lands or url):
+            assert time.monotonic() < deadline, f"{url} did not load"
+            time.sleep(0.1)
+
+    def run(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        self._stack.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# the page's own request, as its script sends it: a same-origin fetch with a form body
+PAGE_POST = (
+    "fetch('{url}set', {{method: 'POST', body: new URLSearchParams({{name: 'seed', value: '{seed}'}})}})"
+    ".then(r => r.status, e => 'blocked: ' + e)"
+)
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_in_a_real_browser_the_page_posts_and_another_site_cannot(store: ParamStore, tmp_path: Any) -> None:
+    pytest.importorskip("websockets.sync.client")
+    ctx = SinkContext(status=lambda: {"state": "running"}, submit=_form_submit(store), params=table())
+    preview = PreviewSink(port=0, ctx=ctx, token="s3cret")
+    untokened = PreviewSink(port=0, ctx=ctx)  # the attacked one: no token, only the Origin check guards it
+    elsewhere = PreviewSink(port=0, ctx=SinkContext())  # another origin: the same host, another port
+    browser = Browser(tmp_path)
+    try:
+        browser.goto(f"{preview.url}?token=s3cret", lands=preview.url)  # once; then the cookie carries it
+        assert browser.run("document.querySelector('[data-param]') !== null")  # the page itself, not a 401
+        assert browser.run(PAGE_POST.format(url="/", seed=9)) == 200
+        assert store.latest("seed") == 9
+        browser.goto(f"http://localhost:{elsewhere.port}/")
+        # a page elsewhere posts a plain form to the preview (no-cors: the browser sends it anyway)
+        sneaky = PAGE_POST.format(url=untokened.url, seed=5).replace("{method:", "{mode: 'no-cors', method:")
+        browser.run(sneaky)  # resolves once the server has answered
+        assert store.latest("seed") == 9  # refused: a foreign Origin
+    finally:
+        browser.close()
+        preview.close()
+        untokened.close()
+        elsewhere.close()
