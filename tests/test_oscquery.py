@@ -20,11 +20,10 @@ import pytest
 from bridge.control.oscquery import (
     OscQueryServer,
     announced_addresses,
-    build_tree,
-    find,
     numbered_name,
     responder_interfaces,
 )
+from bridge.control.oscquery_tree import build_tree, find
 from bridge.params import LIVE, Kind, ParamStore, coerce
 from bridge.runtime import in_background
 from tests.conftest import tiny_bridge
