@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024  # bytes; a form with a long prompt fits many times over
 TIMEOUT_S = 10.0  # a whole request head and body, and any socket read or write
 MAX_CONNECTIONS = 32  # at once; each holds one thread
+LOG_EVERY_S = 2.0  # at most one log line per server about refused requests
 FORM = "application/x-www-form-urlencoded"
 TOKEN_COOKIE = "sdbridge_token"
 TOKEN_HEADER = "X-Sdbridge-Token"
@@ -275,6 +276,9 @@ class GuardedHandler(BaseHTTPRequestHandler):
     def refuse(self, refusal: Refusal) -> None:
         """Answer with the refusal as JSON and close the connection (an unread body must never
         be taken for the next request)."""
+        self.server.note_refusal(
+            f"{self.command} {cut(self.path, 80)} from {self.client_address[0]}: {refusal.reason}"
+        )
         self.close_connection = True
         body = json.dumps({"ok": False, "error": refusal.reason}).encode()
         self.send_response(refusal.status)
@@ -284,8 +288,6 @@ class GuardedHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        where = f"{self.command} {cut(self.path, 80)} from {self.client_address[0]}"
-        log.info("%s: refused %s: %s", self.server.label, where, refusal.reason)
 
     def read_form(self) -> dict[str, list[str]]:
         """The body of a state-changing request as form fields. Raises `Refusal` (403 for a foreign
@@ -344,6 +346,23 @@ class GuardedServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self.refused = 0  # connections turned away because all slots were busy
+        self.refusals = 0  # requests refused by the guard
+        self._log_lock = threading.Lock()
+        self._logged_at = -LOG_EVERY_S
+        self._unlogged = 0
+
+    def note_refusal(self, what: str) -> None:
+        """Count a refused request and log it, at most one line per `LOG_EVERY_S` (a flood of bad
+        requests must not flood the log), saying how many went unlogged in between."""
+        with self._log_lock:
+            self.refusals += 1
+            now = time.monotonic()
+            if now - self._logged_at < LOG_EVERY_S:
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged, self._logged_at = self._unlogged, 0, now
+        more = f" (and {unlogged} more refused since the last line)" if unlogged else ""
+        log.warning("%s refused %s%s", self.label, what, more)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

@@ -466,3 +466,23 @@ def test_in_a_real_browser_the_page_posts_and_another_site_cannot(store: ParamSt
         preview.close()
         untokened.close()
         elsewhere.close()
+
+
+def test_refusals_are_counted_and_logged_a_line_at_a_time(
+    preview: PreviewSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bridge.webguard"):
+        for _ in range(20):
+            assert exchange(preview.port, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")[0] == 403
+    assert preview._server.refusals == 20
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and "preview refused GET / from 127.0.0.1: Host 'evil.example'" in lines[0]
+
+
+def test_oscquery_speaks_http_1_1_and_keeps_the_connection(oscquery: OscQueryServer) -> None:
+    with socket.create_connection(("127.0.0.1", oscquery.port), timeout=5) as sock:
+        for path in ("/sd/guidance", "/?HOST_INFO", "/sd/guidance?VALUE"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{oscquery.port}\r\n\r\n".encode())
+            status, headers, body = read_reply(sock)
+            assert status == 200 and headers.get("connection") != "close", path
+        assert json.loads(body) == {"VALUE": [1.2]}
