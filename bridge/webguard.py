@@ -126,23 +126,28 @@ class Guard:
                 f"if it is a name of this machine, add it to {self.setting}",
             )
 
-    def check_origin(self, value: str | None) -> None:
-        """Raises `Refusal` unless `Origin` is absent (not a browser) or this server's own."""
+    def check_origin(self, value: str | None, host: str | None) -> None:
+        """Raises `Refusal` unless `Origin` is absent (not a browser) or the page's own: the
+        origin of the `Host` the request went to (after `check_host`). Comparing with Host, not
+        with a list, keeps a wildcard bind safe too: a page on another address may share the
+        port, never the address."""
         if value is None:
             return
         if value.strip() == "null":
             raise Refusal(403, "Origin null (a sandboxed or local page) may not change the show")
         url = urlsplit(value.strip())
+        target = urlsplit(f"//{host or ''}")
         try:
-            port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-        except ValueError:
-            port = None
+            port, target_port = url.port or {"http": 80}.get(url.scheme), target.port or 80
+        except ValueError:  # a port that is not a number
+            port, target_port = None, 0
         name = host_name(url.hostname or "")
-        if url.scheme not in ("http", "https") or port != self.port or not self.host_allowed(name):
+        same = name == host_name(target.hostname or "") and port == target_port
+        if url.scheme != "http" or not same or not self.host_allowed(name):
             raise Refusal(
                 403,
-                f"Origin {cut(value)!r} is another site; only pages served by this bridge may change the "
-                f"show (if it is this machine under another name, add the name to {self.setting})",
+                f"Origin {cut(value)!r} is another site; only pages served by this bridge "
+                f"(http://{cut(host or '?', 100)}) may change the show",
             )
 
     def token_ok(self, request: BaseHTTPRequestHandler) -> bool:
@@ -293,7 +298,7 @@ class GuardedHandler(BaseHTTPRequestHandler):
         """The body of a state-changing request as form fields. Raises `Refusal` (403 for a foreign
         origin, 415 for another body type, 400 for a bad length, 413 over 64 KB) before reading
         anything it would refuse."""
-        self.server.guard.check_origin(self.headers.get("Origin"))
+        self.server.guard.check_origin(self.headers.get("Origin"), self.headers.get("Host"))
         kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if kind != FORM:
             raise Refusal(415, f"the body must be {FORM} (a form), got {cut(kind or 'no Content-Type')!r}")

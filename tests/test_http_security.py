@@ -347,6 +347,12 @@ def test_a_preview_for_other_machines_warns_and_serves_its_addresses(
             exchange(sink.port, f"GET / HTTP/1.1\r\nHost: 127.0.0.2:{sink.port}\r\n\r\n".encode())[0] == 200
         )
         assert exchange(sink.port, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")[0] == 403
+        # a page on another address may share the port, never the address: Origin must match Host
+        here = f"127.0.0.2:{sink.port}"
+        for origin, status in ((f"http://10.9.9.9:{sink.port}", 403), (f"http://{here}", 200)):
+            data = post(sink.port, SEED, f"Origin: {origin}", FORM, f"Content-Length: {len(SEED)}", host=here)
+            assert exchange(sink.port, data)[0] == status, origin
+        assert store.latest("seed") == 9
     finally:
         sink.close()
 

@@ -121,10 +121,8 @@ class Listeners:
     def serve(self, request: GuardedHandler) -> None:
         """Upgrade `request`'s connection to a WebSocket and serve it until either side closes.
         Runs on the connection's thread."""
-        try:
-            request.server.guard.check_origin(
-                request.headers.get("Origin")
-            )  # a page elsewhere may not listen
+        try:  # a page elsewhere may not listen
+            request.server.guard.check_origin(request.headers.get("Origin"), request.headers.get("Host"))
         except Refusal as refusal:
             request.refuse(refusal)
             return
