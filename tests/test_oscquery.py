@@ -162,6 +162,11 @@ def test_python_oscquery_loads_the_tree_and_listen_follows_osc(tiny_pipe: Any) -
                     got = [message.address, *message.params]
                 assert got[0] == "/sd/guidance" and 3.0 < got[1] <= value  # never /sd/seed: it was IGNOREd
                 assert got[1] == pytest.approx(bridge.store.get("guidance"))
+            ws.send(json.dumps({"COMMAND": "LISTEN", "DATA": "/sd/status/frames"}))  # grows every frame
+            deadline = time.monotonic() + 10
+            while (message := OscMessage(ws.recv(timeout=10))).address != "/sd/status/frames":
+                assert time.monotonic() < deadline, "no status update arrived"
+            assert isinstance(message.params[0], int) and message.params[0] > 0
 
 
 def test_the_norm_methods_stand_on_their_own_and_osc_takes_both_forms() -> None:
