@@ -461,6 +461,8 @@ def test_in_a_real_browser_the_page_posts_and_another_site_cannot(store: ParamSt
         browser.goto(f"{preview.url}?token=s3cret", lands=preview.url)  # once; then the cookie carries it
         assert browser.run("document.querySelector('[data-param]') !== null")  # the page itself, not a 401
         assert browser.run(PAGE_POST.format(url="/", seed=9)) == 200
+        assert browser.run("fetch('/status').then(r => r.status)") == 200  # the page's polling
+        assert browser.run("fetch('/stream.mjpg').then(r => r.status)") == 200  # and its <img>
         assert store.latest("seed") == 9
         browser.goto(f"http://localhost:{elsewhere.port}/")
         # a page elsewhere posts a plain form to the preview (no-cors: the browser sends it anyway)
