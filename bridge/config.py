@@ -75,6 +75,8 @@ class SinkConfig:
     port: int = 7860  # preview HTTP port
     fps: float = 0.0  # preview cap (0: 30) / virtualcam and ndi rate (0: runtime.fps, else 30)
     jpeg_quality: int = 80  # preview
+    allowed_hosts: tuple[str, ...] = ()  # preview: names besides its address and localhost clients may use
+    token: str = ""  # preview: when set, every request needs it (open the page once as /?token=...)
     device: str = ""  # virtualcam device: /dev/videoN on Linux, "" = the first one
     backend: str = ""  # virtualcam backend: obs | unitycapture | v4l2loopback; "" = any that works
     width: int = 0  # virtualcam size; 0 = the engine's size
@@ -91,6 +93,9 @@ class OscConfig:
     status_interval_s: float = 1.0
     oscquery_port: int = 0  # serve OSCQuery (the address space over HTTP) on this port; 0 = off
     oscquery_advertise: bool = True  # announce it over mDNS when zeroconf is installed
+    oscquery_allowed_hosts: tuple[
+        str, ...
+    ] = ()  # names besides osc.host and localhost OSCQuery clients may use
 
 
 @dataclass(frozen=True)

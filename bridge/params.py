@@ -287,6 +287,9 @@ def coerce(param: Param, args: Sequence[Any]) -> Coerced:
             f"{param.name} is config-only ({param.reload_reason}); set it in the config and restart"
         )
     kind = param.kind
+    one_string = len(args) == 1 and isinstance(args[0], str)
+    if one_string and (kind is Kind.INT_LIST or (kind is Kind.BLEND and ":" in args[0])):
+        args = text_args(param, args[0])  # the one-string form OSCQuery lists ("32 45", "a:0.5 | b:0.5")
     if kind is Kind.BLEND:
         return _blend(param, args)
     if kind is Kind.INT_LIST:

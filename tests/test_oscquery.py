@@ -3,6 +3,7 @@ parameter with its type, range and current value; HOST_INFO, single attributes, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -19,12 +20,11 @@ import pytest
 from bridge.control.oscquery import (
     OscQueryServer,
     announced_addresses,
-    build_tree,
-    find,
     numbered_name,
     responder_interfaces,
 )
-from bridge.params import LIVE, Kind, ParamStore
+from bridge.control.oscquery_tree import build_tree, find
+from bridge.params import LIVE, Kind, ParamStore, coerce
 from bridge.runtime import in_background
 from tests.conftest import tiny_bridge
 
@@ -61,31 +61,166 @@ def test_a_running_bridge_describes_every_parameter(tiny_pipe: Any) -> None:
             node = find(tree, param.address)
             assert node is not None, param.address
             assert node["FULL_PATH"] == param.address and node["ACCESS"] == 3
-            assert node["DESCRIPTION"] == param.doc
+            assert param.doc in node["DESCRIPTION"]
+            assert (
+                "CONTENTS" not in node
+            )  # a method has no children (the proposal; python-oscquery refuses it)
             if param.numeric:
                 assert node["RANGE"] == [{"MIN": param.minimum, "MAX": param.maximum}]
                 assert node["TYPE"] == ("f" if param.kind is Kind.FLOAT else "i")
-                assert node["CONTENTS"]["norm"]["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}]
         assert find(tree, "/sd/guidance")["VALUE"] == [2.5]  # the current value, from the config
         assert find(tree, "/sd/prompt")["TYPE"] == "s"
-        assert find(tree, "/sd/freeze")["TYPE"] == "F" and find(tree, "/sd/freeze")["VALUE"] == [False]
-        assert find(tree, "/sd/t_index_list")["TYPE"] == "ii"
+        assert find(tree, "/sd/freeze")["TYPE"] == "T" and find(tree, "/sd/freeze")["VALUE"] == [False]
+        assert find(tree, "/sd/t_index_list")["TYPE"] == "s"
+        assert find(tree, "/sd/t_index_list")["VALUE"] == ["32 45"]
+        assert find(tree, "/sd/prompt_blend")["TYPE"] == "s" and find(tree, "/sd/prompt_blend")["VALUE"] == [
+            ""
+        ]
         assert find(tree, "/sd/status/state") == {
             "FULL_PATH": "/sd/status/state", "ACCESS": 1, "TYPE": "s", "VALUE": ["running"]
         }  # fmt: skip
-        # a change over OSC shows up in the tree once applied
+        # a change over OSC shows up in the tree once applied, and its type stays put
         bridge.store.submit("guidance", 4.0)
+        bridge.store.submit("freeze", True)
+        bridge.store.submit("t_index_list", (20, 30, 40))
         for _ in range(200):
-            if get(base + "/sd/guidance?VALUE")[1] == {"VALUE": [4.0]}:
+            if get(base + "/sd/t_index_list?VALUE")[1] == {"VALUE": ["20 30 40"]}:
                 break
             time.sleep(0.02)
         assert get(base + "/sd/guidance?VALUE") == (200, {"VALUE": [4.0]})
-        assert get(base + "/sd/guidance/norm?VALUE") == (200, {"VALUE": [0.4]})
+        assert get(base + "/sd/freeze?TYPE") == (200, {"TYPE": "T"})
+        assert get(base + "/sd/freeze?VALUE") == (200, {"VALUE": [True]})
+        assert get(base + "/sd/t_index_list?TYPE") == (200, {"TYPE": "s"})
         code, info = get(base + "/?HOST_INFO")
         assert code == 200 and info["OSC_PORT"] == osc_port and info["OSC_TRANSPORT"] == "UDP"
-        assert info["EXTENSIONS"]["RANGE"] is True
+        assert info["EXTENSIONS"]["RANGE"] is True and info["EXTENSIONS"]["LISTEN"] is True
         assert get(base + "/sd/nothing") == (404, {"error": "no OSC node at /sd/nothing"})
-        assert get(base + "/sd/prompt?RANGE") == (204, None)
+        assert get(base + "/sd/prompt?RANGE") == (204, None)  # an attribute the node lacks
+        assert get(base + "/sd?VALUE") == (204, None)  # a container has no value
+        code, body = get(base + "/sd/prompt?NONSENSE")
+        assert code == 400 and "unknown OSCQuery query 'NONSENSE'" in body["error"]
+
+
+def test_python_oscquery_loads_the_tree_and_listen_follows_osc(tiny_pipe: Any) -> None:
+    """python-oscquery 0.4.0 (the package index's client, not ours) reads HOST_INFO and the whole
+    tree; a WebSocket client LISTENs to /sd/guidance and /sd/status/state (the proposal's text
+    commands) and receives the value a real OSC datagram set, as a binary OSC packet."""
+    pytest.importorskip("pythonoscquery")
+    websockets_client = pytest.importorskip("websockets.sync.client")
+    from pythonosc.osc_message import OscMessage
+    from pythonoscquery.osc_query_client import OSCQueryClient
+    from zeroconf import ServiceInfo
+
+    from bridge.control.osc import encode
+
+    osc_port, query_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    overrides = [f"osc.port={osc_port}", f"osc.oscquery_port={query_port}", "osc.oscquery_advertise=false",
+                 "osc.status_targets=[]"]  # fmt: skip
+    bridge = tiny_bridge(tiny_pipe, overrides)
+    with in_background(bridge, start_timeout_s=120):
+        # what a browse for _oscjson._tcp would have found, without the network
+        found = ServiceInfo(
+            "_oscjson._tcp.local.",
+            "sdbridge@test._oscjson._tcp.local.",
+            addresses=[socket.inet_aton("127.0.0.1")],
+            port=query_port,
+        )
+        client = OSCQueryClient(found)
+        info = client.get_host_info()
+        assert info is not None and info.osc_port == osc_port and info.osc_transport == "UDP"
+        assert info.osc_ip == "127.0.0.1" and info.extensions["LISTEN"] is True
+        root = client.query_node("/")  # raises on a node with both children and a value
+        assert root is not None
+        nodes = {node.full_path: node for node in root}
+        raw = client.last_json
+        assert raw is not None
+        python_type = {Kind.FLOAT: float, Kind.INT: int, Kind.BOOL: bool}
+        for param in LIVE.values():
+            node = nodes[param.address]
+            assert not node.is_container and node.type == [python_type.get(param.kind, str)], param.name
+            if param.numeric:
+                assert find(raw, param.address)["RANGE"] == [{"MIN": param.minimum, "MAX": param.maximum}]
+        assert nodes["/sd/status/fps"].type == [float]
+
+        with websockets_client.connect(f"ws://127.0.0.1:{query_port}/", open_timeout=5) as ws:
+            for path in ("/sd/guidance", "/sd/seed"):
+                ws.send(json.dumps({"COMMAND": "LISTEN", "DATA": path}))
+            ws.send(json.dumps({"COMMAND": "IGNORE", "DATA": "/sd/seed"}))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as osc:
+                got: list[Any] = []
+                deadline = time.monotonic() + 10
+                value = 3.0
+                while not got:  # the server reads LISTEN on its own thread: send until it follows
+                    assert time.monotonic() < deadline, "no LISTEN update arrived"
+                    value += 0.25
+                    osc.sendto(encode("/sd/seed", [7]), ("127.0.0.1", osc_port))
+                    osc.sendto(encode("/sd/guidance", [value]), ("127.0.0.1", osc_port))
+                    try:
+                        message = OscMessage(ws.recv(timeout=0.5))
+                    except TimeoutError:
+                        continue
+                    got = [message.address, *message.params]
+                assert got[0] == "/sd/guidance" and 3.0 < got[1] <= value  # never /sd/seed: it was IGNOREd
+                assert got[1] == pytest.approx(bridge.store.get("guidance"))
+            ws.send(json.dumps({"COMMAND": "LISTEN", "DATA": "/sd/status/frames"}))  # grows every frame
+            deadline = time.monotonic() + 10
+            while (message := OscMessage(ws.recv(timeout=10))).address != "/sd/status/frames":
+                assert time.monotonic() < deadline, "no status update arrived"
+            assert isinstance(message.params[0], int) and message.params[0] > 0
+
+
+def test_the_norm_methods_stand_on_their_own_and_osc_takes_both_forms() -> None:
+    """/sd/guidance is a method without children; its 0..1 variant is listed at /sd/norm/guidance,
+    and a real OSC datagram to either /sd/norm/guidance or the old /sd/guidance/norm sets it."""
+    from bridge.control.osc import OscControl, OscServer, encode
+
+    store = ParamStore({})
+    osc = OscServer("127.0.0.1", 0)
+    control = OscControl(store, send=osc.send)
+    osc.start(control)
+    server = OscQueryServer(
+        host="127.0.0.1", port=0, osc_port=osc.address[1], values=store.snapshot, status=dict,
+        advertise=False, control=control,
+    )  # fmt: skip
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        if (
+            importlib.util.find_spec("pythonoscquery") is not None
+        ):  # its parser refuses a method with children
+            from pythonoscquery.shared.osc_path_node import OSCPathNode
+
+            assert "/sd/norm/guidance" in {
+                node.full_path for node in OSCPathNode.from_json(get(base + "/")[1])
+            }
+        assert "CONTENTS" not in get(base + "/sd/guidance")[1]
+        code, node = get(base + "/sd/norm/guidance")
+        assert code == 200 and node["TYPE"] == "f" and node["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}]
+        assert node["VALUE"] == [pytest.approx(0.12)]  # 1.2 of 0..10
+        assert get(base + "/sd/norm/ssf/max_skip?ACCESS") == (200, {"ACCESS": 3})
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for address, expected in (("/sd/norm/guidance", 5.0), ("/sd/guidance/norm", 2.5)):
+                sender.sendto(encode(address, [expected / 10]), osc.address)
+                deadline = time.monotonic() + 5
+                while store.latest("guidance") != expected:
+                    assert time.monotonic() < deadline, f"{address} never reached the store"
+                    time.sleep(0.01)
+        assert control.counters.accepted == 2 and control.counters.unknown == 0
+    finally:
+        server.close()
+        osc.close()
+
+
+def test_lists_and_blends_keep_one_type_and_osc_takes_their_string_form() -> None:
+    tree = build_tree({"t_index_list": (5,), "prompt_blend": (("a cat", 0.7), ("a dog", 0.3))}, {})
+    assert find(tree, "/sd/t_index_list")["TYPE"] == "s" and find(tree, "/sd/t_index_list")["VALUE"] == ["5"]
+    blend = find(tree, "/sd/prompt_blend")
+    assert blend["TYPE"] == "s" and blend["VALUE"] == ["a cat:0.7 | a dog:0.3"]
+    assert coerce(LIVE["t_index_list"], ["20 30 40"]).value == (20, 30, 40)
+    assert coerce(LIVE["t_index_list"], [20, 30, 40]).value == (20, 30, 40)  # today's form still works
+    assert coerce(LIVE["prompt_blend"], ["a cat:0.7 | a dog:0.3"]).value == (("a cat", 0.7), ("a dog", 0.3))
+    assert coerce(LIVE["prompt_blend"], ["a cat", 0.7]).value == (("a cat", 0.7),)
+    assert find(build_tree({"ssf/enabled": True}, {}), "/sd/ssf/enabled")["TYPE"] == "T"
 
 
 def test_the_tree_covers_config_only_parameters_not_at_all() -> None:

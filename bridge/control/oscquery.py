@@ -2,11 +2,16 @@
 TouchDesigner's OSCQuery components find every parameter with its type, range and current value
 on their own (https://github.com/Vidvox/OSCQueryProposal).
 
-The HTTP side is the standard library's. The zero-configuration announcement (`_oscjson._tcp`
-and `_osc._udp` over mDNS) uses `zeroconf` when it is installed (extra `oscquery`). Without it,
-clients are pointed at http://HOST:PORT by hand. Every live parameter is a node at its OSC
-address, with a `norm` child for numbers, and the status values are read-only nodes under
-/sd/status.
+The HTTP side is the standard library's, behind `bridge.webguard` (Host and Origin checks, a
+deadline per request, a cap on connections), speaking HTTP/1.1. Live values follow over a
+WebSocket on the same port (LISTEN/IGNORE, `bridge.control.oscquery_listen`, needs `websockets`).
+The zero-configuration announcement (`_oscjson._tcp` and `_osc._udp` over mDNS) uses `zeroconf`.
+Both are in the extra `oscquery`; without them, clients are pointed at http://HOST:PORT by hand
+and re-read values themselves.
+
+The tree itself (one TYPE per method, no children under a value, /sd/norm) is built in
+`bridge.control.oscquery_tree`; the /sd/norm methods are served once the server is given the
+`OscControl`.
 """
 
 from __future__ import annotations
@@ -17,90 +22,20 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Collection, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from bridge.params import LIVE, Kind, Param, osc_args
+from bridge.control import oscquery_listen
+from bridge.control.osc import OscControl
+from bridge.control.oscquery_listen import Listeners
+from bridge.control.oscquery_tree import ATTRIBUTES, build_tree, current_values, find, route_norm
+from bridge.webguard import MAX_CONNECTIONS, TIMEOUT_S, GuardedHandler, GuardedServer, Refusal, cut
 
 log = logging.getLogger(__name__)
 
-READ, WRITE = 1, 2
 NOT_ANNOUNCED = (
     'not announced over mDNS: zeroconf is not installed (pip install "streamdiffusion-bridge[oscquery]")'
 )
-STATUS_TYPES = {
-    "state": "s",
-    "mode": "s",
-    "fps": "f",
-    "latency_ms": "f",
-    "engine_ms": "f",
-    "skip_rate": "f",
-    "dropped": "i",
-    "frames": "i",
-    "error": "s",
-}
-
-
-def _type_tag(param: Param, value: Any) -> str:
-    if param.kind is Kind.BOOL:
-        return "T" if value else "F"
-    if param.kind is Kind.INT_LIST:
-        return "i" * max(len(value), 1)
-    if param.kind is Kind.BLEND:
-        return "sf" * max(len(value), 1)
-    return {Kind.FLOAT: "f", Kind.INT: "i"}.get(param.kind, "s")
-
-
-def build_tree(values: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
-    """The whole OSCQuery namespace as nested nodes."""
-    root: dict[str, Any] = {"FULL_PATH": "/", "ACCESS": 0, "CONTENTS": {}}
-
-    def node(path: str) -> dict[str, Any]:
-        current = root
-        parts = path.strip("/").split("/")
-        for i, part in enumerate(parts):
-            contents = current.setdefault("CONTENTS", {})
-            current = contents.setdefault(part, {"FULL_PATH": "/" + "/".join(parts[: i + 1]), "ACCESS": 0})
-        return current
-
-    for param in LIVE.values():
-        value = values.get(param.name, param.default)
-        entry = node(param.address)
-        entry.update(
-            TYPE=_type_tag(param, value),
-            ACCESS=READ | WRITE,
-            VALUE=osc_args(param, value),
-            DESCRIPTION=param.doc,
-        )
-        if param.numeric and param.minimum is not None and param.maximum is not None:
-            entry["RANGE"] = [{"MIN": param.minimum, "MAX": param.maximum}]
-            norm = node(f"{param.address}/norm")
-            span = param.maximum - param.minimum
-            norm.update(
-                TYPE="f",
-                ACCESS=WRITE,
-                RANGE=[{"MIN": 0.0, "MAX": 1.0}],
-                DESCRIPTION=f"{param.name} as 0..1 of its range",
-                VALUE=[(float(value) - param.minimum) / span if span else 0.0],
-            )
-        if param.choices:
-            entry["RANGE"] = [{"VALS": list(param.choices)}]
-    node("/sd/status")["DESCRIPTION"] = "the bridge's state, sent about once a second to osc.status_targets"
-    for key, tag in STATUS_TYPES.items():
-        entry = node(f"/sd/status/{key}")
-        raw = status.get(key, "" if tag == "s" else 0)
-        entry.update(TYPE=tag, ACCESS=READ, VALUE=[{"s": str, "f": float, "i": int}[tag](raw)])
-    return root
-
-
-def find(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
-    current = tree
-    for part in [p for p in path.split("/") if p]:
-        current = current.get("CONTENTS", {}).get(part)
-        if current is None:
-            return None
-    return current
 
 
 def announced_addresses(host: str, machine: list[str]) -> list[str]:
@@ -197,7 +132,10 @@ class _Responder:
 
 
 class OscQueryServer:
-    """Serves the namespace on `port` (0 = any free port) in its own thread."""
+    """Serves the namespace on `port` (0 = any free port) in its own thread, and LISTEN clients
+    over WebSocket on the same port. `allowed_hosts` are names besides `host` and localhost that
+    clients may use (osc.oscquery_allowed_hosts). With `control` (the OSC server's router), the
+    /sd/norm methods are routed and listed. `close()` is idempotent."""
 
     def __init__(
         self,
@@ -209,13 +147,23 @@ class OscQueryServer:
         status: Callable[[], Mapping[str, Any]],
         name: str = "",
         advertise: bool = True,
+        allowed_hosts: Collection[str] = (),
+        control: OscControl | None = None,
+        timeout_s: float = TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.name = name or default_name()
         self.osc_port = osc_port
         self._values, self._status = values, status
+        self._norm = control is not None
+        if control is not None:
+            route_norm(control)
+        self.listeners = Listeners(read=self.current, known=self._is_method)
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(GuardedHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:
                 server._answer(self)
 
@@ -223,12 +171,19 @@ class OscQueryServer:
                 log.debug("oscquery: " + format, *args)
 
         try:
-            self._http = ThreadingHTTPServer((host, port), Handler)
+            self._http = GuardedServer(
+                (host, port),
+                Handler,
+                label="OSCQuery",
+                allowed_hosts=allowed_hosts,
+                setting="osc.oscquery_allowed_hosts",
+                timeout_s=timeout_s,
+                max_connections=max_connections,
+            )
         except OSError as exc:
             raise OSError(
                 f"OSCQuery cannot listen on http://{host}:{port}/: {exc.strerror or exc}; set osc.oscquery_port"
             ) from None
-        self._http.daemon_threads = True
         self.port = int(self._http.server_address[1])
         self.host = host
         self._thread = threading.Thread(target=self._http.serve_forever, name="oscquery", daemon=True)
@@ -239,48 +194,65 @@ class OscQueryServer:
 
     def start(self) -> None:
         self._thread.start()
+        self.listeners.start()
         log.info("OSCQuery on http://%s:%d/", self.host, self.port)
 
-    def host_info(self) -> dict[str, Any]:
-        return {
-            "NAME": self.name,
-            "OSC_PORT": self.osc_port,
-            "OSC_TRANSPORT": "UDP",
-            "EXTENSIONS": {
-                "ACCESS": True,
-                "VALUE": True,
-                "RANGE": True,
-                "DESCRIPTION": True,
-                "TAGS": False,
-                "LISTEN": False,
-                "PATH_CHANGED": False,
-            },
-        }
+    def current(self) -> dict[str, list[Any]]:
+        """Every method's current VALUE by address."""
+        return current_values(self._values(), self._status(), norm=self._norm)
 
-    def _answer(self, request: BaseHTTPRequestHandler) -> None:
+    def tree(self) -> dict[str, Any]:
+        return build_tree(self._values(), self._status(), norm=self._norm)
+
+    def _is_method(self, path: str) -> bool:
+        return path in self.current()
+
+    def host_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"NAME": self.name, "OSC_PORT": self.osc_port, "OSC_TRANSPORT": "UDP"}
+        if self.host not in ("", "0.0.0.0"):
+            info["OSC_IP"] = self.host  # the OSC server shares the bind address (osc.host)
+        info["EXTENSIONS"] = {
+            "ACCESS": True,
+            "VALUE": True,
+            "RANGE": True,
+            "DESCRIPTION": True,
+            "TAGS": False,
+            "LISTEN": oscquery_listen.available(),  # a WebSocket on this port, when websockets is installed
+            "PATH_CHANGED": False,
+        }
+        return info
+
+    def _answer(self, request: GuardedHandler) -> None:
+        if oscquery_listen.is_upgrade(request):
+            self.listeners.serve(request)
+            return
         url = urlsplit(request.path)
         if url.query == "HOST_INFO":
             self._send(request, 200, self.host_info())
             return
-        tree = build_tree(self._values(), self._status())
-        target = find(tree, url.path)
+        target = find(self.tree(), url.path)
         if target is None:
-            self._send(request, 404, {"error": f"no OSC node at {url.path}"})
+            self._send(request, 404, {"error": f"no OSC node at {cut(url.path)}"})
             return
-        if url.query:
-            attribute = url.query.upper()
-            if attribute not in target:
-                self._send(request, 204, None)  # the spec's answer for an attribute a node lacks
-                return
-            self._send(request, 200, {attribute: target[attribute]})
+        if not url.query:
+            self._send(request, 200, target)
             return
-        self._send(request, 200, target)
+        attribute = url.query.upper()
+        if attribute not in ATTRIBUTES:
+            known = ", ".join(sorted(ATTRIBUTES | {"HOST_INFO"}))
+            request.refuse(Refusal(400, f"unknown OSCQuery query {cut(url.query)!r}; known: {known}"))
+            return
+        if attribute not in target:
+            self._send(request, 204, None)  # the proposal's answer for an attribute a node lacks
+            return
+        self._send(request, 200, {attribute: target[attribute]})
 
     @staticmethod
-    def _send(request: BaseHTTPRequestHandler, code: int, body: Any) -> None:
+    def _send(request: GuardedHandler, code: int, body: Any) -> None:
         data = b"" if body is None else json.dumps(body).encode("utf-8")
         request.send_response(code)
-        request.send_header("Content-Type", "application/json")
+        if body is not None:
+            request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
@@ -320,6 +292,7 @@ class OscQueryServer:
         return str(self._services[0].name).removesuffix("." + self._services[0].type)
 
     def close(self) -> None:
+        self.listeners.close()
         if self._responder is not None:
             for info in self._services:
                 self._responder.zc.unregister_service(info)

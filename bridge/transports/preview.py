@@ -5,6 +5,9 @@ plot, each input's and output's state, and form controls generated from the para
 Routes: `/` the page, `/stream.mjpg` the MJPEG stream, `/frame.jpg` the newest frame,
 `/status` status and parameter values as JSON, `/params` the table, POST `/set` (form fields
 `name` and `value`) to change a parameter.
+
+The server stands behind `bridge.webguard`: Host and Origin checks, form bodies of at most
+64 KB, a deadline per request and a cap on connections; with `token` set, every request needs it.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs
 
 from PIL import Image
 
 from bridge.frames import Frame
 from bridge.transports.base import SinkContext
 from bridge.transports.preview_page import page
+from bridge.webguard import MAX_CONNECTIONS, TIMEOUT_S, GuardedHandler, GuardedServer, Refusal, is_loopback
 
 log = logging.getLogger(__name__)
 BOUNDARY = "sdbridgeframe"
@@ -45,6 +48,10 @@ class PreviewSink:
         port: int = 7860,
         fps: float = 30.0,
         quality: int = 80,
+        allowed_hosts: Sequence[str] = (),
+        token: str = "",
+        timeout_s: float = TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
         ctx: SinkContext,
     ) -> None:
         self.ctx = ctx
@@ -57,19 +64,35 @@ class PreviewSink:
         self._closed = False
         self.encoded = 0
         try:
-            self._server = ThreadingHTTPServer((host, port), self._handler_class())
+            self._server = GuardedServer(
+                (host, port),
+                self._handler_class(),
+                label="preview",
+                allowed_hosts=allowed_hosts,
+                token=token,
+                setting="the preview's allowed_hosts (extra_outputs.N.allowed_hosts)",
+                timeout_s=timeout_s,
+                max_connections=max_connections,
+            )
         except OSError as exc:
             raise OSError(
                 f"the preview cannot listen on http://{host}:{port}/: {exc.strerror or exc}. "
                 "Pick another port with --set extra_outputs.0.port=..."
             ) from exc
-        self._server.daemon_threads = True
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="preview-http", daemon=True
         )
         self._thread.start()
         log.info("preview at %s", self.url)
+        if not is_loopback(host):
+            log.warning(
+                "the preview at %s is reachable from other machines, and whoever reaches it can change the show%s",
+                self.url,
+                "; it asks for its token"
+                if token
+                else "; set a token (the preview's `token` setting) to ask for one",
+            )
 
     @property
     def url(self) -> str:
@@ -107,10 +130,10 @@ class PreviewSink:
         self._server.server_close()
         self._thread.join(timeout=1.0)
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[GuardedHandler]:
         sink = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(GuardedHandler):
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("preview: " + format, *args)
 
@@ -160,15 +183,18 @@ class PreviewSink:
                         # each frame ends with the next part's head: see PART_HEAD
                         self.wfile.write(jpeg + b"\r\n" + PART_HEAD)
                         self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the browser went away
+                except OSError:
+                    pass  # the browser went away, or stopped reading past the write timeout
 
             def do_POST(self) -> None:
                 if self.path != "/set":
                     self._send(404, b"not found", "text/plain")
                     return
-                length = min(int(self.headers.get("Content-Length") or 0), 65536)
-                form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"), keep_blank_values=True)
+                try:
+                    form = self.read_form()
+                except Refusal as refusal:
+                    self.refuse(refusal)
+                    return
                 name = (form.get("name") or [""])[0]
                 error = sink.ctx.submit(name, form.get("value") or [""])
                 self._json(400 if error else 200, {"ok": not error, "error": error})

@@ -137,6 +137,8 @@ def open_sink(cfg: SinkConfig, ctx: SinkContext | None = None) -> Sink:
             port=cfg.port,
             fps=cfg.fps or 30.0,
             quality=cfg.jpeg_quality,
+            allowed_hosts=cfg.allowed_hosts,
+            token=cfg.token,
             ctx=ctx or SinkContext(),
         )
     if kind == "null":
