@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import re
 import socket
-import types
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from bridge.frames import Frame
@@ -64,15 +62,14 @@ def test_stream_completes_each_frame_as_soon_as_it_is_sent() -> None:
         sink.close()
 
 
-def test_page_controls_labels_and_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [dict(r, label="Guidance scale") if r["name"] == "guidance" else r for r in table()]
-    # a Param's own label is the fallback when the table row has none
-    monkeypatch.setattr(preview_page, "BY_NAME", {"seed": types.SimpleNamespace(label="Noise seed")})
+def test_page_controls_labels_and_seed() -> None:
+    # the table's labels; a row without one shows its name
+    rows = [{k: v for k, v in r.items() if k != "label"} if r["name"] == "prompt" else r for r in table()]
     html = preview_page.page(SinkContext(width=320, height=180, params=rows))
 
     found = re.findall(r'<th scope="row" title="[^"]*">([^<]*)</th><td data-param="([^"]+)"', html)
     by_param = {name: text for text, name in found}
-    assert by_param["guidance"] == "Guidance scale" and by_param["seed"] == "Noise seed"
+    assert by_param["guidance"] == "Guidance" and by_param["ssf/max_skip"] == "Max skipped frames"
     assert by_param["prompt"] == "prompt"  # no label anywhere: the name
     assert set(by_param) == {r["name"] for r in table() if r["live"]}
 

@@ -64,7 +64,9 @@ def test_the_plan_has_a_td_parameter_for_every_live_one() -> None:
         "name": "Guidance", "label": "Guidance", "style": "Float", "default": 1.2, "address": "/sd/guidance",
         "kind": "float", "help": LIVE["guidance"].doc, "min": 0.0, "max": 10.0, "clamp": True,
     }  # fmt: skip
-    assert pars["Ssfthreshold"]["label"] == "Skip threshold"  # the table's label, as on every surface and pars["Ssfthreshold"]["max"] == 1.0
+    assert (
+        pars["Ssfthreshold"]["label"] == "Skip threshold"
+    )  # the table's label, as on every surface and pars["Ssfthreshold"]["max"] == 1.0
     assert pars["Ssfmaxskip"]["style"] == "Int" and (
         pars["Ssfmaxskip"]["min"],
         pars["Ssfmaxskip"]["max"],

@@ -15,7 +15,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bridge.params import BY_NAME
 from bridge.transports.base import SinkContext
 
 # An int whose range is wider than this gets a number field: a slider cannot pick one value
@@ -25,10 +24,9 @@ MAX_IMAGE_HEIGHT_VH = 75  # the image is scaled to its column's width, but never
 
 
 def label(row: Mapping[str, Any]) -> str:
-    """What a person reads for a parameter: the table row's `label`, else the `Param`'s, else
-    its name (the table gains labels in a separate change; the page works before and after)."""
-    name = str(row["name"])
-    return str(row.get("label") or getattr(BY_NAME.get(name), "label", None) or name)
+    """What a person reads for a parameter: the table's label (the same words as OBS and
+    TouchDesigner), else its name."""
+    return str(row.get("label") or row["name"])
 
 
 def _attr(value: Any) -> str:
