@@ -3,19 +3,27 @@ with resizes, no segment left behind, readers that survive writer restarts."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import multiprocessing as mp
 import os
+import select
+import signal
 import struct
+import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from bridge.frames import Frame
+from bridge.transports.base import TransportUnavailable
 from bridge.transports.shm import ShmSink, ShmSource
 from bridge.transports.shmring import SLOT_HEADER, ShmReader, ShmWriter
 
@@ -153,7 +161,7 @@ def test_a_second_writer_on_the_same_name_is_refused() -> None:
     name = unique("dup")
     writer = ShmWriter(name)
     try:
-        with pytest.raises(FileExistsError, match=f"shared memory '{name}' already exists"):
+        with pytest.raises(FileExistsError, match=f"shared memory '{name}' is being written by this process"):
             ShmWriter(name)
     finally:
         writer.close()
@@ -246,3 +254,213 @@ def test_standalone_reader_needs_only_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- a writer that crashes, one that takes over, one that is refused (two real processes) ---
+
+WRITER_CHILD = """
+import signal, sys, time
+import numpy as np
+from bridge.transports.shmring import ShmWriter
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+writer = ShmWriter(sys.argv[1])
+mark, seq = int(sys.argv[2]), 0
+try:
+    while True:
+        seq += 1
+        writer.write(np.full((8, 8, 4), mark, np.uint8), source_seq=seq)
+        if seq == 1:
+            print("ready", flush=True)
+        time.sleep(0.01)
+finally:
+    writer.close()
+"""
+
+
+def start_writer(name: str, mark: int, *, own_session: bool = False) -> subprocess.Popen[str]:
+    """A writer in its own process, filling every frame with `mark`; returns once it has written
+    its first frame. `own_session` puts it and its resource tracker in a process group of their
+    own, so one killpg takes both down (nothing is left to clean up after it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_CHILD, name, str(mark)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=own_session,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"the writer process did not start: exit code {proc.returncode}, said {line!r}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a writer process the way a clean shutdown does (SIGTERM: it closes its ring)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+    proc.wait(10)
+
+
+def left_behind(name: str) -> list[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(name)) if sys.platform == "linux" else []
+
+
+def load_touchdesigner_reader() -> Any:
+    """touchdesigner/sdbridge_shm.py as TouchDesigner imports it: a module of its own."""
+    spec = importlib.util.spec_from_file_location("sdbridge_shm", ROOT / "touchdesigner" / "sdbridge_shm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sdbridge_shm"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def mark_of(reader: Any) -> int | None:
+    """The mark of the next frame `reader` returns (an in-bridge ShmSource or TD's ShmReader)."""
+    if isinstance(reader, ShmSource):
+        frame = reader.read(0.05)
+        return None if frame is None else int(frame.pixels[0, 0, 0])
+    got = reader.read()
+    if got is None:
+        time.sleep(0.002)
+        return None
+    return int(got[0][0, 0, 0])
+
+
+def wait_for_mark(reader: Any, mark: int, within_s: float) -> float | None:
+    """Seconds until `reader` returns a frame of `mark`, or None if none came within `within_s`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within_s:
+        if mark_of(reader) == mark:
+            return time.monotonic() - t0
+    return None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and killpg are POSIX")
+@pytest.mark.parametrize("reader_kind", ["bridge input", "touchdesigner"])
+def test_reader_recovers_when_a_new_writer_replaces_one_killed_with_sigkill(reader_kind: str) -> None:
+    """The show case: the writer dies with -9, a new one starts on the same name, and the reader
+    (the bridge's shm input, or TouchDesigner's copy of the reader) follows it within 2 s."""
+    name = unique("crash")
+    reader: Any = (
+        ShmSource(name=name) if reader_kind == "bridge input" else load_touchdesigner_reader().ShmReader(name)
+    )
+    first = start_writer(name, 1)
+    second = None
+    try:
+        assert wait_for_mark(reader, 1, 10) is not None, "no frame from the first writer"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = start_writer(name, 2)
+        took = wait_for_mark(reader, 2, 2.0)
+        state = reader.reader.state if isinstance(reader, ShmSource) else reader.state
+        assert took is not None, f"the reader did not follow the new writer within 2 s (state: {state})"
+    finally:
+        reader.close()
+        stop(first)
+        if second is not None:
+            stop(second)
+    assert left_behind(name) == [], "the new writer did not take over and then release the old segments"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="checks /dev/shm, Linux's view of the segments")
+def test_a_writer_takes_over_the_segments_of_a_dead_writer(caplog: pytest.LogCaptureFixture) -> None:
+    """A writer killed with its resource tracker leaves its segments in /dev/shm; the next writer
+    on that name takes them over (with a log line) instead of failing or waiting for a hand."""
+    name = unique("dead")
+    dead = start_writer(name, 1, own_session=True)
+    os.killpg(dead.pid, signal.SIGKILL)  # the writer and its resource tracker
+    dead.wait(10)
+    left = left_behind(name)
+    assert left == [name, f"{name}_g1"], f"the crash did not leave the segments behind: {left}"
+    reader = ShmReader(name)
+    with caplog.at_level(logging.WARNING, logger="bridge.transports.shmring"):
+        writer = ShmWriter(name)
+    try:
+        assert any(
+            f"process {dead.pid}" in r.getMessage() and "taking over" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+        assert f"{name}_g1" not in os.listdir("/dev/shm"), "the dead writer's data segment was not removed"
+        writer.write(np.full((8, 8, 4), 7, np.uint8), source_seq=1)
+        deadline = time.monotonic() + 2
+        got = reader.read()
+        while got is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            got = reader.read()
+        assert got is not None and int(got[0][0, 0, 0]) == 7, reader.state
+    finally:
+        reader.close()
+        writer.close()
+    assert left_behind(name) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_a_second_live_writer_is_refused_at_once_even_a_stopped_one() -> None:
+    name = unique("live")
+    other = start_writer(name, 1)
+    try:
+        for _ in range(2):  # running, then stopped (Ctrl+Z): its pid is alive either way
+            t0 = time.monotonic()
+            with pytest.raises(FileExistsError, match=f"process {other.pid}, which is running"):
+                ShmWriter(name)
+            assert time.monotonic() - t0 < 1.0
+            other.send_signal(signal.SIGSTOP)
+        other.send_signal(signal.SIGCONT)
+    finally:
+        stop(other)
+    assert left_behind(name) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_a_reader_treats_a_stale_heartbeat_as_gone_and_comes_back() -> None:
+    name = unique("stale")
+    other = start_writer(name, 1)
+    reader = ShmReader(name)
+    try:
+        assert wait_for_mark(reader, 1, 10) is not None
+        other.send_signal(signal.SIGSTOP)  # alive, but neither writes nor beats
+        deadline = time.monotonic() + 5
+        while "no heartbeat" not in reader.state and time.monotonic() < deadline:
+            reader.read()
+            time.sleep(0.01)
+        assert "no heartbeat" in reader.state, reader.state
+        other.send_signal(signal.SIGCONT)
+        assert wait_for_mark(reader, 1, 2.0) is not None, reader.state
+    finally:
+        reader.close()
+        stop(other)
+    assert left_behind(name) == []
+
+
+def test_an_shm_output_on_a_name_a_live_writer_holds_is_a_final_error() -> None:
+    """The sink's open error must be final, so the bridge stops at start with the message
+    instead of retrying the open forever in the background."""
+    from bridge.config import load_config
+    from bridge.runtime import Bridge
+
+    name = unique("taken")
+    writer = ShmWriter(name)  # a live writer: this process
+    with pytest.raises(TransportUnavailable, match=f"shared memory '{name}' is being written"):
+        ShmSink(name=name)
+
+    def no_engine(_cfg: Any) -> Any:
+        raise AssertionError("the engine loaded although an output could not open")
+
+    config = load_config(
+        None, ["output.kind=shm", f"output.name={name}", "extra_outputs=[]", "osc.enabled=false"]
+    )
+    bridge = Bridge(config, engine_factory=no_engine)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransportUnavailable, match="is being written"):
+            bridge.run(threading.Event())
+        assert time.monotonic() - t0 < 5
+    finally:
+        writer.close()
