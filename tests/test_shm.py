@@ -264,12 +264,15 @@ import numpy as np
 from bridge.transports.shmring import ShmWriter
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 writer = ShmWriter(sys.argv[1])
-mark, seq = int(sys.argv[2]), 0
+mark, burst, seq = int(sys.argv[2]), int(sys.argv[3]), 0
 try:
+    for _ in range(burst):  # a burst first: the ring sequence runs well ahead
+        seq += 1
+        writer.write(np.full((8, 8, 4), mark, np.uint8), source_seq=seq)
     while True:
         seq += 1
         writer.write(np.full((8, 8, 4), mark, np.uint8), source_seq=seq)
-        if seq == 1:
+        if seq == burst + 1:
             print("ready", flush=True)
         time.sleep(0.01)
 finally:
@@ -277,12 +280,13 @@ finally:
 """
 
 
-def start_writer(name: str, mark: int, *, own_session: bool = False) -> subprocess.Popen[str]:
-    """A writer in its own process, filling every frame with `mark`; returns once it has written
-    its first frame. `own_session` puts it and its resource tracker in a process group of their
-    own, so one killpg takes both down (nothing is left to clean up after it)."""
+def start_writer(name: str, mark: int, *, burst: int = 0, own_session: bool = False) -> subprocess.Popen[str]:
+    """A writer in its own process, filling every frame with `mark`, 100 a second after a first
+    `burst` at full speed; returns once it is writing. `own_session` puts it and its resource
+    tracker in a process group of their own, so one killpg takes both down (nothing is left to
+    clean up after it)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER_CHILD, name, str(mark)],
+        [sys.executable, "-c", WRITER_CHILD, name, str(mark), str(burst)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -342,25 +346,38 @@ def wait_for_mark(reader: Any, mark: int, within_s: float) -> float | None:
     return None
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and killpg are POSIX")
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL is POSIX; the unlink goes through /dev/shm")
 @pytest.mark.parametrize("reader_kind", ["bridge input", "touchdesigner"])
-def test_reader_recovers_when_a_new_writer_replaces_one_killed_with_sigkill(reader_kind: str) -> None:
+@pytest.mark.parametrize("new_ring", ["taken over", "made afresh"])
+def test_reader_recovers_when_a_new_writer_replaces_one_killed_with_sigkill(
+    reader_kind: str, new_ring: str
+) -> None:
     """The show case: the writer dies with -9, a new one starts on the same name, and the reader
-    (the bridge's shm input, or TouchDesigner's copy of the reader) follows it within 2 s."""
+    (the bridge's shm input, or TouchDesigner's copy of the reader) follows it within 2 s. The new
+    writer either takes over the segment the dead one left, or (its name unlinked meanwhile, as
+    a version-1 writer's resource tracker or a hand did) makes a new one the reader must reopen."""
     name = unique("crash")
     reader: Any = (
         ShmSource(name=name) if reader_kind == "bridge input" else load_touchdesigner_reader().ShmReader(name)
     )
-    first = start_writer(name, 1)
+    ring = reader.reader if isinstance(reader, ShmSource) else reader
+    first = start_writer(name, 1, burst=5000)
     second = None
     try:
         assert wait_for_mark(reader, 1, 10) is not None, "no frame from the first writer"
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        deadline = time.monotonic() + 5
+        while "waiting for a new writer" not in ring.state and time.monotonic() < deadline:
+            mark_of(reader)
+        assert f"process {first.pid}, is not running" in ring.state, (
+            ring.state
+        )  # the pid, before any heartbeat
+        if new_ring == "made afresh":
+            os.unlink(f"/dev/shm/{name}")
         second = start_writer(name, 2)
         took = wait_for_mark(reader, 2, 2.0)
-        state = reader.reader.state if isinstance(reader, ShmSource) else reader.state
-        assert took is not None, f"the reader did not follow the new writer within 2 s (state: {state})"
+        assert took is not None, f"the reader did not follow the new writer within 2 s (state: {ring.state})"
     finally:
         reader.close()
         stop(first)
