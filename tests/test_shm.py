@@ -25,7 +25,7 @@ import pytest
 from bridge.frames import Frame
 from bridge.transports.base import TransportUnavailable
 from bridge.transports.shm import ShmSink, ShmSource
-from bridge.transports.shmring import SLOT_HEADER, ShmReader, ShmWriter
+from bridge.transports.shmring import SLOT_HEADER, STALE_S, ShmReader, ShmWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48, 4), (128, 96, 4), (32, 32, 3), (200, 120, 4)]  # (width, height, channels)
@@ -391,15 +391,21 @@ def test_a_writer_takes_over_the_segments_of_a_dead_writer(caplog: pytest.LogCap
     """A writer killed with its resource tracker leaves its segments in /dev/shm; the next writer
     on that name takes them over (with a log line) instead of failing or waiting for a hand."""
     name = unique("dead")
-    dead = start_writer(name, 1, own_session=True)
+    dead = start_writer(name, 1, burst=500, own_session=True)
+    reader = ShmReader(name)
+    got, deadline = None, time.monotonic() + 10
+    while got is None and time.monotonic() < deadline:
+        got = reader.read()
+    assert got is not None, reader.state
     os.killpg(dead.pid, signal.SIGKILL)  # the writer and its resource tracker
     dead.wait(10)
     left = left_behind(name)
     assert left == [name, f"{name}_g1"], f"the crash did not leave the segments behind: {left}"
-    reader = ShmReader(name)
     with caplog.at_level(logging.WARNING, logger="bridge.transports.shmring"):
         writer = ShmWriter(name)
     try:
+        # the ring sequence carries on: a reader that missed the crash still takes the new frames
+        assert writer.write(np.full((8, 8, 4), 6, np.uint8)) > got[1].seq
         assert any(
             f"process {dead.pid}" in r.getMessage() and "taking over" in r.getMessage()
             for r in caplog.records
@@ -429,6 +435,7 @@ def test_a_second_live_writer_is_refused_at_once_even_a_stopped_one() -> None:
                 ShmWriter(name)
             assert time.monotonic() - t0 < 1.0
             other.send_signal(signal.SIGSTOP)
+            time.sleep(STALE_S + 0.5)  # its heartbeat goes stale; the pid still says it lives
         other.send_signal(signal.SIGCONT)
     finally:
         stop(other)
