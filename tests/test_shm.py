@@ -62,10 +62,13 @@ def test_no_torn_frames_across_processes_with_resizes() -> None:
     ready, enough = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=torture_writer, args=(name, ready, enough))
     proc.start()
-    assert ready.wait(30)
+    deadline = time.monotonic() + 30
+    while not ready.wait(0.1):
+        assert proc.is_alive() and time.monotonic() < deadline, f"the writer did not start: {proc.exitcode}"
     reader = ShmReader(name)
     checked, generations, bad = 0, set(), []
-    while proc.is_alive() or checked == 0:
+    deadline = time.monotonic() + 120  # the writer gives up after 60 s of writing
+    while proc.is_alive() and time.monotonic() < deadline:
         got = reader.read()
         if got is None:
             continue
@@ -79,6 +82,10 @@ def test_no_torn_frames_across_processes_with_resizes() -> None:
             enough.set()
     proc.join(10)
     reader.close()
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+    assert proc.exitcode == 0, f"the writer process failed or hung: exit code {proc.exitcode}"
     assert not bad, f"{len(bad)} torn or mixed frames of {checked}, first {bad[0]}"
     assert checked > 100, f"only {checked} frames read"
     assert len(generations) >= 4, f"resizes not exercised: generations {sorted(generations)}"
@@ -384,6 +391,21 @@ def test_reader_recovers_when_a_new_writer_replaces_one_killed_with_sigkill(
         if second is not None:
             stop(second)
     assert left_behind(name) == [], "the new writer did not take over and then release the old segments"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="checks /dev/shm, Linux's view of the segments")
+def test_a_writer_process_that_exits_without_close_leaves_nothing_behind() -> None:
+    """Only a crash leaves the ring behind (for the next writer to take over); an exit with an
+    exception or sys.exit() closes it, though the control segment is kept from the resource
+    tracker."""
+    name = unique("exit")
+    code = (
+        "import sys, numpy as np; from bridge.transports.shmring import ShmWriter; "
+        f"w = ShmWriter({name!r}); w.write(np.zeros((4, 4, 4), np.uint8)); sys.exit(3)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60).returncode == 3
+    assert left_behind(name) == []
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="checks /dev/shm, Linux's view of the segments")

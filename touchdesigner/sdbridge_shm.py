@@ -20,6 +20,7 @@ as "writer gone" and reopens the name, and a new writer takes over what a dead o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -231,8 +232,8 @@ class FrameInfo:
 
 class ShmWriter:
     """Writes frames into a ring other processes can read. One thread calls `write`; `close()`
-    (idempotent) marks the ring closed and unlinks both segments. A thread of its own refreshes
-    the heartbeat every `BEAT_S` seconds until `close()`.
+    (idempotent; also run at interpreter exit) marks the ring closed and unlinks both segments.
+    A thread of its own refreshes the heartbeat every `BEAT_S` seconds until `close()`.
 
     The name must be free, or held by a dead writer (its pid not running): this writer then
     takes its segments over, with a log line. A live writer on the name raises `RingInUse`."""
@@ -265,6 +266,7 @@ class ShmWriter:
         self._stop_beat = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name=f"shm-beat-{name}", daemon=True)
         self._beat.start()
+        atexit.register(self.close)  # an exit without close() (an exception) leaves nothing behind
 
     def _open_control(self) -> shared_memory.SharedMemory:
         """Create the control segment, or take over the one a dead writer left."""
@@ -406,6 +408,7 @@ class ShmWriter:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         self._stop_beat.set()
         self._beat.join()
         _put(self._buf, _LAYOUT, *(_get(self._buf, _LAYOUT)[:5]), FLAG_CLOSED)
