@@ -175,6 +175,32 @@ def test_a_second_writer_on_the_same_name_is_refused() -> None:
         writer.close()  # idempotent
 
 
+def test_a_ring_left_by_a_dead_writer_that_had_this_processs_pid_is_taken_over() -> None:
+    """A restarted container can hand a new writer the pid its crashed predecessor had: that pid
+    is alive (it is ours), but no writer of this process holds the name, so the ring is dead."""
+    import atexit
+
+    from bridge.transports import shmring
+
+    name = unique("samepid")
+    old = ShmWriter(name)
+    old._stop_beat.set()  # it "crashes": no more beats, no close
+    old._beat.join()
+    atexit.unregister(old.close)
+    with shmring._OPEN_LOCK:
+        shmring._WRITING.discard(name)
+    new = ShmWriter(name)
+    reader = ShmReader(name)
+    try:
+        new.write(np.full((4, 4, 4), 3, np.uint8), source_seq=1)
+        got = reader.read()
+        assert got is not None and int(got[0][0, 0, 0]) == 3, reader.state
+    finally:
+        reader.close()
+        new.close()
+        old._control.close()
+
+
 def read_in_child(name: str, count: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     reader = ShmReader(name)
     got: list[tuple[int, int]] = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import struct
@@ -321,6 +322,10 @@ class ShmWriter:
                 f"writer (version {VERSION}) cannot tell is alive. Stop its writer, or pick another name"
             )
         state = writer_state(buf, name)
+        if state.pid == os.getpid() and state.running:
+            # no other writer of this process has the name (checked first): the ring is from a
+            # crashed predecessor that had our pid (a restarted container)
+            state = dataclasses.replace(state, running=False)
         if state.running or (state.running is None and state.beat_age_s <= STALE_S):
             where = "which is running" if state.running else "in another pid namespace (a container?)"
             raise RingInUse(
