@@ -169,8 +169,12 @@ def running_bridge(model_cache: Path, tmp: Path) -> Iterator[Running]:
         reader.kill()
         reader.wait(10)
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()  # a clean stop: a killed bridge leaves its ring for the next writer
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         stop.set()
         status_sock.close()
 
