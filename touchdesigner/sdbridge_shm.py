@@ -130,7 +130,10 @@ def _unlink(segment: shared_memory.SharedMemory) -> None:
 
 
 def _remove(name: str) -> bool:
-    """Unlink the segment `name` if it exists; True if it did."""
+    """Unlink the segment `name` if it exists; True if it did. On Windows there is nothing to
+    unlink: a segment goes when its last handle closes (the dead writer's went with it)."""
+    if os.name != "posix":
+        return False
     try:
         segment = _open_existing(name)
     except FileNotFoundError:
