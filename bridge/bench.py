@@ -59,6 +59,7 @@ class BenchConfig:
     warmup: int = 3
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
     live: bool = True  # also measure the live bridge: shm round trip, OSC to applied, overhead
+    live_sizes: Sequence[int] = (512, 1024)  # shm and sink frame sizes, pixels; overhead at the first
     acceleration: str = "none"  # engine.acceleration applied to the shared components (none|compile)
 
 
@@ -248,7 +249,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
                 StreamEngine(pipe, [32, 45], width=px, height=px, cfg_type="self")
             )
 
-        live = run_live_bench(factory_for, progress, osc_size=size)
+        live = run_live_bench(factory_for, progress, osc_size=size, sizes=tuple(config.live_sizes))
     device_name = (
         torch.cuda.get_device_name(0)
         if config.device.startswith("cuda")

@@ -250,13 +250,16 @@ def run_live_bench(
     progress: Callable[[str], None],
     *,
     osc_size: int,
-    overhead_size: int = 512,
+    sizes: tuple[int, ...] = (512, 1024),
 ) -> dict[str, Any]:
-    """All three live-bridge measurements; `factory_for(size)` builds engine drivers."""
-    progress("measuring the shm round trip at 512 and 1024 px")
-    shm = shm_round_trip()
-    progress("measuring each sink's write at 512 and 1024 px")
-    sinks = sink_write_costs()
+    """All three live-bridge measurements; `factory_for(size)` builds engine drivers. The shm
+    round trip and the sink writes are measured at each of `sizes`, the overhead at the first."""
+    overhead_size = sizes[0]
+    at = " and ".join(str(px) for px in sizes)
+    progress(f"measuring the shm round trip at {at} px")
+    shm = shm_round_trip(sizes)
+    progress(f"measuring each sink's write at {at} px")
+    sinks = sink_write_costs(sizes)
     progress(f"measuring OSC to applied at {osc_size} px")
     osc = osc_to_applied(factory_for(osc_size), osc_size)
     progress(f"measuring the bridge overhead at {overhead_size} px")

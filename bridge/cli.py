@@ -27,6 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         cache_dir=args.cache_dir,
         live=not args.no_live,
+        live_sizes=tuple(args.live_sizes),
         acceleration=args.acceleration,
     )
 
@@ -223,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"
+    )
+    bench.add_argument(
+        "--live-sizes",
+        type=int,
+        nargs="+",
+        default=[512, 1024],
+        help="frame sizes of the shm and sink figures, in pixels; the overhead runs at the first (default 512 1024)",
     )
     bench.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"model cache (default {DEFAULT_CACHE})"

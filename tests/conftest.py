@@ -1,7 +1,11 @@
-"""Shared fixtures: the embedded tiny models, generated once per session into a temporary cache."""
+"""Shared fixtures: the embedded tiny models, generated once and kept across runs in pytest's
+cache, and helpers for driving the engine and the bridge."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,12 +15,39 @@ import numpy as np
 import pytest
 import torch
 
+from bridge.engine import tiny
 from bridge.engine.loading import LoadOptions, load_pipeline
+
+# What the generated models depend on besides tiny.py's own source (hashed whole, so a change
+# to any weight, calibration or layout there builds them afresh even without a version bump).
+_MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "tokenizers", "safetensors")
+
+
+def tiny_models_key() -> str:
+    """Names one generation of the tiny models: the generator's format version, a hash of its
+    source and the versions of the libraries that build and save them."""
+    digest = hashlib.sha256(Path(tiny.__file__).read_bytes())
+    for library in _MODEL_LIBRARIES:
+        digest.update(f"{library}={importlib.metadata.version(library)};".encode())
+    return f"v{tiny.TINY_FORMAT_VERSION}-{digest.hexdigest()[:16]}"
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sdbridge-cache")
+def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The engine's cache folder, holding the tiny models. Generating them takes about 100 s, so
+    they are kept across runs under `.pytest_cache/d/sdbridge-models-<key>` (`tiny_models_key`);
+    a new key removes the folders of older ones. One test
+    (test_engine_loading::test_tiny_models_are_identical_across_generations) builds a model
+    afresh and compares it with this copy. Without pytest's cache (`-p no:cacheprovider`), a
+    temporary folder per session."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("sdbridge-cache")
+    folder = Path(cache.mkdir(f"sdbridge-models-{tiny_models_key()}"))
+    for old in folder.parent.glob("sdbridge-models-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,9 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
             "1",
             "--warmup",
             "1",
+            "--live-sizes",
+            "64",
+            "96",
             "--cache-dir",
             str(model_cache),
         ]
@@ -47,13 +50,13 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         assert row["skip_rate_static"] == pytest.approx(40 / 44, abs=1e-3)
     assert "timesteps=[the engine's taus]" in report["matching"]
     live = report["live"]
-    assert [row["size"] for row in live["shm"]] == [[512, 512], [1024, 1024]]
+    assert [row["size"] for row in live["shm"]] == [[64, 64], [96, 96]]
     for row in live["shm"]:
         assert row["ratio_vs_copy"] == pytest.approx(
             row["shm_round_trip_ms"] / row["numpy_copy_ms"], rel=2e-2
         )
     measured = [(row["kind"], row["size"][0]) for row in live["sinks"] if row["available"]]
-    assert measured == [(k, px) for k in ("shm", "ndi", "preview", "null") for px in (512, 1024)]
+    assert measured == [(k, px) for k in ("shm", "ndi", "preview", "null") for px in (64, 96)]
     for row in live["sinks"]:
         if row["available"]:
             assert row["write_ms"] > 0 and row["numpy_copy_ms"] > 0
@@ -66,7 +69,7 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
     assert osc["size"] == [64, 64] and osc["messages"] == 15 and osc["osc_to_applied_ms"] > 0
     assert isinstance(osc["frames_in_between_max"], int) and osc["frames_in_between_max"] >= 0
     overhead = live["overhead"]
-    assert overhead["size"] == [512, 512] and overhead["frames"] >= 12
+    assert overhead["size"] == [64, 64] and overhead["frames"] >= 12
     assert overhead["latency_ms"] >= overhead["engine_ms"] > 0
     assert live["targets"] == {
         "shm_vs_copy_max": 3.0,

@@ -34,14 +34,44 @@ def test_tiny_is_generated_once_and_loaded_through_from_pretrained(model_cache: 
     assert weights.stat().st_mtime_ns == stamp  # not regenerated
 
 
-def test_tiny_models_are_identical_across_generations(tmp_path: Path, model_cache: Path) -> None:
-    from safetensors.torch import load_file
+def test_tiny_models_are_identical_across_generations(
+    tmp_path: Path, model_cache: Path, tiny_pipe: Any
+) -> None:
+    """The one test that builds a tiny model afresh: it must equal, file for file and byte for
+    byte, the copy every other test loads (which the model_cache fixture keeps across runs)."""
+    fresh, shared = ensure_tiny_model("tiny", tmp_path), tiny_model_dir("tiny", model_cache)
+    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
+    assert [f for f in files if (fresh / f).read_bytes() != (shared / f).read_bytes()] == []
 
-    ensure_tiny_model("tiny", tmp_path)
-    mine = load_file(tiny_model_dir("tiny", tmp_path) / "unet" / "diffusion_pytorch_model.safetensors")
-    shared = load_file(tiny_model_dir("tiny", model_cache) / "unet" / "diffusion_pytorch_model.safetensors")
-    assert mine.keys() == shared.keys()
-    assert all(torch.equal(mine[k], shared[k]) for k in mine)
+
+def test_the_model_cache_key_follows_the_generator_and_the_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached models (tests/conftest.py) are rebuilt when anything that shapes them changes:
+    tiny.py's source (even without a format bump), its format version, or a library version."""
+    import importlib.metadata
+
+    from bridge.engine import tiny
+    from tests.conftest import tiny_models_key
+
+    key = tiny_models_key()
+    assert tiny_models_key() == key  # stable
+    edited = tmp_path / "tiny.py"
+    edited.write_bytes(Path(tiny.__file__).read_bytes() + b"\n# a new autoencoder\n")
+    with monkeypatch.context() as m:
+        m.setattr(tiny, "__file__", str(edited))
+        assert tiny_models_key() != key
+    with monkeypatch.context() as m:
+        m.setattr(tiny, "TINY_FORMAT_VERSION", tiny.TINY_FORMAT_VERSION + 1)
+        assert tiny_models_key() != key
+    real = importlib.metadata.version
+    for library in ("torch", "diffusers", "transformers"):
+        with monkeypatch.context() as m:
+            m.setattr(
+                importlib.metadata, "version", lambda n, lib=library: "0+other" if n == lib else real(n)
+            )
+            assert tiny_models_key() != key, library
 
 
 def test_tiny_frames_are_worth_looking_at(tiny_pipe: Any) -> None:

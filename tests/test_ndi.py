@@ -64,11 +64,13 @@ def check_frames(frames: list[dict[str, Any]], sizes: list[tuple[int, int]], lea
 def check_report(report: dict[str, Any]) -> None:
     assert report["waiting_before"] == f"waiting for the NDI source {report['name']!r} (seen: none)"
     assert report["first_frame_s"] > 0
-    check_frames(report["frames"], [(64, 48), (96, 64)], [15, 10])
+    # each frame is awaited before the next is sent (tests/ndi_loopback.py), so nearly all
+    # arrive however loaded the machine; 90% leaves room for NDI dropping one around a resize
+    check_frames(report["frames"], [(64, 48), (96, 64)], [27, 54])
     assert all(report["after_close"])  # the sender vanished: nothing new, the bridge holds
     assert report["waiting_after_close"].endswith(f"({report['name']})' went away; waiting for it")
     assert report["back_after_s"] > 0  # it came back and frames flow again
-    check_frames(report["frames_back"], [(64, 48)], [5])
+    check_frames(report["frames_back"], [(64, 48)], [9])
 
 
 def test_ndi_loopback_by_name_with_the_users_discovery_config(tmp_path: Path) -> None:

@@ -47,13 +47,14 @@ class GatedSource:
 class RecordingSink:
     def __init__(self, *, fail: bool = False, block_s: float = 0.0) -> None:
         self.fail, self.block_s = fail, block_s
+        self.unblock = threading.Event()  # ends a blocking write early
         self.frames: list[Frame] = []
         self.closed = 0
         self.opens = 0
 
     def write(self, frame: Frame) -> None:
         if self.block_s:
-            time.sleep(self.block_s)
+            self.unblock.wait(self.block_s)
         if self.fail:
             raise OSError("the receiver went away")
         self.frames.append(frame)
@@ -111,11 +112,12 @@ def test_holds_the_last_output_when_the_input_stops_and_resumes(tiny_pipe: Any) 
 
 def test_failing_and_blocking_sinks_stall_nothing(tiny_pipe: Any) -> None:
     source = GatedSource()
-    good, failing, blocking = RecordingSink(), RecordingSink(fail=True), RecordingSink(block_s=3.0)
+    # the blocking sink's first write lasts until the test ends it, however slow the machine
+    good, failing, blocking = RecordingSink(), RecordingSink(fail=True), RecordingSink(block_s=120.0)
     sinks = [("failing", failing), ("blocking", blocking), ("good", good)]
     with running(tiny_pipe, CONFIG, sinks, source) as (bridge, _infos):
         wait_for(lambda: len(good.frames) >= 20)
-        assert len(blocking.frames) <= 1  # still in its first write
+        assert len(blocking.frames) == 0  # still in its first write
         wait_for(lambda: bridge.status_dict()["outputs"]["blocking"]["blocked_s"] >= 1.0)
         outputs = bridge.status_dict()["outputs"]
         assert outputs["failing"]["failures"] >= 3 and outputs["failing"]["written"] == 0
@@ -125,6 +127,7 @@ def test_failing_and_blocking_sinks_stall_nothing(tiny_pipe: Any) -> None:
         wait_for(lambda: "output failing: OSError: the receiver went away" in bridge.status_dict()["error"])
         # three failed writes in a row: the runner closes the sink and opens it again
         wait_for(lambda: failing.opens >= 2)
+        blocking.unblock.set()
     assert failing.closed == failing.opens
     assert blocking.closed == good.closed == 1
 

@@ -3,21 +3,29 @@ with resizes, no segment left behind, readers that survive writer restarts."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import multiprocessing as mp
 import os
+import select
+import signal
 import struct
+import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from bridge.frames import Frame
+from bridge.transports.base import TransportUnavailable
 from bridge.transports.shm import ShmSink, ShmSource
-from bridge.transports.shmring import SLOT_HEADER, ShmReader, ShmWriter
+from bridge.transports.shmring import SLOT_HEADER, STALE_S, ShmReader, ShmWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48, 4), (128, 96, 4), (32, 32, 3), (200, 120, 4)]  # (width, height, channels)
@@ -54,10 +62,13 @@ def test_no_torn_frames_across_processes_with_resizes() -> None:
     ready, enough = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=torture_writer, args=(name, ready, enough))
     proc.start()
-    assert ready.wait(30)
+    deadline = time.monotonic() + 30
+    while not ready.wait(0.1):
+        assert proc.is_alive() and time.monotonic() < deadline, f"the writer did not start: {proc.exitcode}"
     reader = ShmReader(name)
     checked, generations, bad = 0, set(), []
-    while proc.is_alive() or checked == 0:
+    deadline = time.monotonic() + 120  # the writer gives up after 60 s of writing
+    while proc.is_alive() and time.monotonic() < deadline:
         got = reader.read()
         if got is None:
             continue
@@ -71,6 +82,10 @@ def test_no_torn_frames_across_processes_with_resizes() -> None:
             enough.set()
     proc.join(10)
     reader.close()
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+    assert proc.exitcode == 0, f"the writer process failed or hung: exit code {proc.exitcode}"
     assert not bad, f"{len(bad)} torn or mixed frames of {checked}, first {bad[0]}"
     assert checked > 100, f"only {checked} frames read"
     assert len(generations) >= 4, f"resizes not exercised: generations {sorted(generations)}"
@@ -153,11 +168,37 @@ def test_a_second_writer_on_the_same_name_is_refused() -> None:
     name = unique("dup")
     writer = ShmWriter(name)
     try:
-        with pytest.raises(FileExistsError, match=f"shared memory '{name}' already exists"):
+        with pytest.raises(FileExistsError, match=f"shared memory '{name}' is being written by this process"):
             ShmWriter(name)
     finally:
         writer.close()
         writer.close()  # idempotent
+
+
+def test_a_ring_left_by_a_dead_writer_that_had_this_processs_pid_is_taken_over() -> None:
+    """A restarted container can hand a new writer the pid its crashed predecessor had: that pid
+    is alive (it is ours), but no writer of this process holds the name, so the ring is dead."""
+    import atexit
+
+    from bridge.transports import shmring
+
+    name = unique("samepid")
+    old = ShmWriter(name)
+    old._stop_beat.set()  # it "crashes": no more beats, no close
+    old._beat.join()
+    atexit.unregister(old.close)
+    with shmring._OPEN_LOCK:
+        shmring._WRITING.discard(name)
+    new = ShmWriter(name)
+    reader = ShmReader(name)
+    try:
+        new.write(np.full((4, 4, 4), 3, np.uint8), source_seq=1)
+        got = reader.read()
+        assert got is not None and int(got[0][0, 0, 0]) == 3, reader.state
+    finally:
+        reader.close()
+        new.close()
+        old._control.close()
 
 
 def read_in_child(name: str, count: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -246,3 +287,253 @@ def test_standalone_reader_needs_only_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- a writer that crashes, one that takes over, one that is refused (two real processes) ---
+
+WRITER_CHILD = """
+import signal, sys, time
+import numpy as np
+from bridge.transports.shmring import ShmWriter
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+writer = ShmWriter(sys.argv[1])
+mark, burst, seq = int(sys.argv[2]), int(sys.argv[3]), 0
+try:
+    for _ in range(burst):  # a burst first: the ring sequence runs well ahead
+        seq += 1
+        writer.write(np.full((8, 8, 4), mark, np.uint8), source_seq=seq)
+    while True:
+        seq += 1
+        writer.write(np.full((8, 8, 4), mark, np.uint8), source_seq=seq)
+        if seq == burst + 1:
+            print("ready", flush=True)
+        time.sleep(0.01)
+finally:
+    writer.close()
+"""
+
+
+def start_writer(name: str, mark: int, *, burst: int = 0, own_session: bool = False) -> subprocess.Popen[str]:
+    """A writer in its own process, filling every frame with `mark`, 100 a second after a first
+    `burst` at full speed; returns once it is writing. `own_session` puts it and its resource
+    tracker in a process group of their own, so one killpg takes both down (nothing is left to
+    clean up after it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_CHILD, name, str(mark), str(burst)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=own_session,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"the writer process did not start: exit code {proc.returncode}, said {line!r}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a writer process the way a clean shutdown does (SIGTERM: it closes its ring)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+    proc.wait(10)
+
+
+def left_behind(name: str) -> list[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(name)) if sys.platform == "linux" else []
+
+
+def load_touchdesigner_reader() -> Any:
+    """touchdesigner/sdbridge_shm.py as TouchDesigner imports it: a module of its own."""
+    spec = importlib.util.spec_from_file_location("sdbridge_shm", ROOT / "touchdesigner" / "sdbridge_shm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sdbridge_shm"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def mark_of(reader: Any) -> int | None:
+    """The mark of the next frame `reader` returns (an in-bridge ShmSource or TD's ShmReader)."""
+    if isinstance(reader, ShmSource):
+        frame = reader.read(0.05)
+        return None if frame is None else int(frame.pixels[0, 0, 0])
+    got = reader.read()
+    if got is None:
+        time.sleep(0.002)
+        return None
+    return int(got[0][0, 0, 0])
+
+
+def wait_for_mark(reader: Any, mark: int, within_s: float) -> float | None:
+    """Seconds until `reader` returns a frame of `mark`, or None if none came within `within_s`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within_s:
+        if mark_of(reader) == mark:
+            return time.monotonic() - t0
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL is POSIX; the unlink goes through /dev/shm")
+@pytest.mark.parametrize("reader_kind", ["bridge input", "touchdesigner"])
+@pytest.mark.parametrize("new_ring", ["taken over", "made afresh"])
+def test_reader_recovers_when_a_new_writer_replaces_one_killed_with_sigkill(
+    reader_kind: str, new_ring: str
+) -> None:
+    """The show case: the writer dies with -9, a new one starts on the same name, and the reader
+    (the bridge's shm input, or TouchDesigner's copy of the reader) follows it within 2 s. The new
+    writer either takes over the segment the dead one left, or (its name unlinked meanwhile, as
+    a version-1 writer's resource tracker or a hand did) makes a new one the reader must reopen."""
+    name = unique("crash")
+    reader: Any = (
+        ShmSource(name=name) if reader_kind == "bridge input" else load_touchdesigner_reader().ShmReader(name)
+    )
+    ring = reader.reader if isinstance(reader, ShmSource) else reader
+    first = start_writer(name, 1, burst=5000)
+    second = None
+    try:
+        assert wait_for_mark(reader, 1, 10) is not None, "no frame from the first writer"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        deadline = time.monotonic() + 5
+        while "waiting for a new writer" not in ring.state and time.monotonic() < deadline:
+            mark_of(reader)
+        # the pid told it, before the heartbeat went stale
+        assert f"process {first.pid}, is not running" in ring.state, ring.state
+        if isinstance(reader, ShmSource):
+            assert reader.waiting == ring.state  # what the bridge's status shows for its input
+        if new_ring == "made afresh":
+            os.unlink(f"/dev/shm/{name}")
+        second = start_writer(name, 2)
+        took = wait_for_mark(reader, 2, 2.0)
+        assert took is not None, f"the reader did not follow the new writer within 2 s (state: {ring.state})"
+    finally:
+        reader.close()
+        stop(first)
+        if second is not None:
+            stop(second)
+    assert left_behind(name) == [], "the new writer did not take over and then release the old segments"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="checks /dev/shm, Linux's view of the segments")
+def test_a_writer_process_that_exits_without_close_leaves_nothing_behind() -> None:
+    """Only a crash leaves the ring behind (for the next writer to take over); an exit with an
+    exception or sys.exit() closes it, though the control segment is kept from the resource
+    tracker."""
+    name = unique("exit")
+    code = (
+        "import sys, numpy as np; from bridge.transports.shmring import ShmWriter; "
+        f"w = ShmWriter({name!r}); w.write(np.zeros((4, 4, 4), np.uint8)); sys.exit(3)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60).returncode == 3
+    assert left_behind(name) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="checks /dev/shm, Linux's view of the segments")
+def test_a_writer_takes_over_the_segments_of_a_dead_writer(caplog: pytest.LogCaptureFixture) -> None:
+    """A writer killed with its resource tracker leaves its segments in /dev/shm; the next writer
+    on that name takes them over (with a log line) instead of failing or waiting for a hand."""
+    name = unique("dead")
+    dead = start_writer(name, 1, burst=500, own_session=True)
+    reader = ShmReader(name)
+    got, deadline = None, time.monotonic() + 10
+    while got is None and time.monotonic() < deadline:
+        got = reader.read()
+    assert got is not None, reader.state
+    os.killpg(dead.pid, signal.SIGKILL)  # the writer and its resource tracker
+    dead.wait(10)
+    left = left_behind(name)
+    assert left == [name, f"{name}_g1"], f"the crash did not leave the segments behind: {left}"
+    with caplog.at_level(logging.WARNING, logger="bridge.transports.shmring"):
+        writer = ShmWriter(name)
+    try:
+        # the ring sequence carries on: a reader that missed the crash still takes the new frames
+        assert writer.write(np.full((8, 8, 4), 6, np.uint8)) > got[1].seq
+        assert any(
+            f"process {dead.pid}" in r.getMessage() and "taking over" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+        assert f"{name}_g1" not in os.listdir("/dev/shm"), "the dead writer's data segment was not removed"
+        writer.write(np.full((8, 8, 4), 7, np.uint8), source_seq=1)
+        deadline = time.monotonic() + 2
+        got = reader.read()
+        while got is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            got = reader.read()
+        assert got is not None and int(got[0][0, 0, 0]) == 7, reader.state
+    finally:
+        reader.close()
+        writer.close()
+    assert left_behind(name) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_a_second_live_writer_is_refused_at_once_even_a_stopped_one() -> None:
+    name = unique("live")
+    other = start_writer(name, 1)
+    try:
+        for _ in range(2):  # running, then stopped (Ctrl+Z): its pid is alive either way
+            t0 = time.monotonic()
+            with pytest.raises(FileExistsError, match=f"process {other.pid}, which is running"):
+                ShmWriter(name)
+            assert time.monotonic() - t0 < 1.0
+            other.send_signal(signal.SIGSTOP)
+            time.sleep(STALE_S + 0.5)  # its heartbeat goes stale; the pid still says it lives
+        other.send_signal(signal.SIGCONT)
+    finally:
+        stop(other)
+    assert left_behind(name) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_a_reader_treats_a_stale_heartbeat_as_gone_and_comes_back() -> None:
+    name = unique("stale")
+    other = start_writer(name, 1)
+    reader = ShmReader(name)
+    try:
+        assert wait_for_mark(reader, 1, 10) is not None
+        other.send_signal(signal.SIGSTOP)  # alive, but neither writes nor beats
+        deadline = time.monotonic() + 5
+        while "no heartbeat" not in reader.state and time.monotonic() < deadline:
+            reader.read()
+            time.sleep(0.01)
+        assert "no heartbeat" in reader.state, reader.state
+        other.send_signal(signal.SIGCONT)
+        assert wait_for_mark(reader, 1, 2.0) is not None, reader.state
+    finally:
+        reader.close()
+        stop(other)
+    assert left_behind(name) == []
+
+
+def test_an_shm_output_on_a_name_a_live_writer_holds_is_a_final_error() -> None:
+    """The sink's open error must be final, so the bridge stops at start with the message
+    instead of retrying the open forever in the background."""
+    from bridge.config import load_config
+    from bridge.runtime import Bridge
+
+    name = unique("taken")
+    writer = ShmWriter(name)  # a live writer: this process
+    with pytest.raises(TransportUnavailable, match=f"shared memory '{name}' is being written"):
+        ShmSink(name=name)
+
+    def no_engine(_cfg: Any) -> Any:
+        raise AssertionError("the engine loaded although an output could not open")
+
+    config = load_config(
+        None, ["output.kind=shm", f"output.name={name}", "extra_outputs=[]", "osc.enabled=false"]
+    )
+    bridge = Bridge(config, engine_factory=no_engine)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransportUnavailable, match="is being written"):
+            bridge.run(threading.Event())
+        assert time.monotonic() - t0 < 5
+    finally:
+        writer.close()
