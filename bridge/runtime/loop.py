@@ -1,0 +1,308 @@
+"""The loop: the `Bridge` that wires source -> engine -> sinks and parameters -> engine, and
+runs the engine loop in the calling thread.
+
+Threads: one capture thread per source, the engine loop (the caller of `Bridge.run`), one
+thread per sink, and the OSC server and status threads. Frames cross threads through one-slot
+latest-wins `Mailbox`es, so a slow stage drops stale frames (counted) instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from bridge.config import BridgeConfig
+from bridge.control.status import Status
+from bridge.frames import Frame, fit
+from bridge.params import BY_NAME, ParamError, ParamStore, coerce, table, text_args
+from bridge.runtime.capture import CaptureRunner
+from bridge.runtime.controls import Controls
+from bridge.runtime.driver import EngineDriver, initial_values, load_engine
+from bridge.runtime.mailbox import Mailbox
+from bridge.runtime.sinks import SINK_OPEN_WAIT_S, SinkRunner, sink_label, sink_problem
+from bridge.runtime.status import OutputInfo, measure
+from bridge.transports.base import Sink, SinkContext, Source
+from bridge.transports.registry import open_sink, open_source, prepare_media
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    """The live bridge. `run(stop)` blocks in the calling thread (the engine loop) until `stop`
+    is set, then shuts everything down in order: source, sinks (reverse open order), status,
+    OSC. `engine_factory`, `sinks` and `source` let tests and the benchmark bring a prepared
+    engine, extra sinks as (label, opener) pairs, and their own source (then `input` in the
+    config is not opened)."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        engine_factory: Callable[[BridgeConfig], EngineDriver] = load_engine,
+        sinks: Sequence[tuple[str, Callable[[], Sink]]] = (),
+        source: Source | None = None,
+    ) -> None:
+        self.config = config
+        self.store = ParamStore(initial_values(config))
+        self._engine_factory = engine_factory
+        self._extra_sinks = list(sinks)
+        self._source = source
+        self._status = Status()
+        self._status_lock = threading.Lock()
+        self._observers: list[Callable[[Frame, OutputInfo], None]] = []
+        self.sinks: list[SinkRunner] = []
+        self.capture: CaptureRunner | None = None
+        self.driver: EngineDriver | None = None
+        self.controls = Controls(config, self.store, status=self.status)
+        self.ready = threading.Event()  # set once the state is "running"
+        self._freeze = bool(self.store.get("freeze"))
+        self._bypass = bool(self.store.get("bypass"))
+        self._applied_version = 0
+        self._in_box: Mailbox[Frame] = Mailbox()
+        self._outputs: deque[OutputInfo] = deque(maxlen=60)
+        self._engine_errors = 0
+        self._last_error = ""
+        self._out_seq = 0
+
+    # ------------------------------------------------------------------ status
+    def on_output(self, observer: Callable[[Frame, OutputInfo], None]) -> None:
+        """Call `observer(frame, info)` from the engine loop for every output frame."""
+        self._observers.append(observer)
+
+    def status(self) -> Status:
+        with self._status_lock:
+            return self._status
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            self._status = replace(self._status, **changes)
+        if "state" in changes or "mode" in changes or "error" in changes:
+            self.controls.poke()
+
+    def _refresh_status(self) -> None:
+        figures = measure(list(self._outputs), time.perf_counter())
+        dropped = self._in_box.dropped + sum(s.box.dropped for s in self.sinks)
+        errors = [sink_problem(s) for s in self.sinks]
+        if self.capture is not None:
+            errors += [self.capture.last_error, self.capture.waiting()]
+        errors = [e for e in [*errors, self.controls.midi_error] if e]
+        control = self.controls.control
+        error = self._last_error or (control.last_error if control else "") or (errors[0] if errors else "")
+        self._set_status(**figures, dropped=dropped, error=error)
+
+    def status_dict(self) -> dict[str, Any]:
+        """Status and live values as JSON-able data (the preview page's /status)."""
+        data: dict[str, Any] = dict(vars(self.status()))
+        values = self.store.snapshot()
+        data["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        if self.controls.control is not None:
+            data["osc"] = self.controls.control.counters.as_dict()
+        data["outputs"] = {
+            s.label: {
+                "state": s.state,
+                "written": s.written,
+                "failures": s.failures,
+                "dropped": s.box.dropped,
+                "opens": s.opens,
+                "write_ms": round(statistics.median(s.write_ms), 3) if s.write_ms else 0.0,
+                "blocked_s": round(s.blocked_s(), 2),
+                "last_error": s.last_error,
+            }
+            for s in self.sinks
+        }
+        if self.config.midi.enabled:
+            data["midi"] = self.controls.midi_dict()
+        if self.capture is not None:
+            data["input"] = {
+                "frames": self.capture.frames,
+                "failures": self.capture.failures,
+                "waiting": self.capture.waiting(),
+                "last_error": self.capture.last_error,
+            }
+        return data
+
+    def submit_text(self, name: str, raw: Sequence[str]) -> str:
+        """A parameter change from a form: "" when queued, else the reason it was refused."""
+        param = BY_NAME.get(name)
+        if param is None:
+            return f"no parameter {name!r}"
+        try:
+            args: list[Any] = []
+            for item in raw:
+                args += text_args(param, item)
+            coerced = coerce(param, args)
+        except ParamError as exc:
+            return str(exc)
+        self.store.submit(name, coerced.value)
+        return ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def _open_sinks(self) -> None:
+        """Open every output on its own thread; a final error (a missing library, the wrong
+        OS, a bad setting) stops the start, any other failure is retried in the background."""
+        e = self.config.engine
+        ctx = SinkContext(
+            width=e.width,
+            height=e.height,
+            fps=self.config.runtime.fps,
+            status=self.status_dict,
+            submit=self.submit_text,
+            params=table(),
+        )
+        openers: list[tuple[str, Callable[[], Sink]]] = [
+            (sink_label(i, cfg), functools.partial(open_sink, cfg, ctx))
+            for i, cfg in enumerate(self.config.outputs)
+        ]
+        for label, opener in [*openers, *self._extra_sinks]:
+            self.sinks.append(SinkRunner(label, opener))
+        for runner in self.sinks:
+            runner.wait_open(SINK_OPEN_WAIT_S)
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start."""
+        try:
+            self._set_status(state="loading")
+            prepare_media(self.config.input, self.config.outputs)
+            self.controls.start()
+            self._open_sinks()
+            driver = self.driver = self._engine_factory(self.config)
+            driver.prepare(self.store.snapshot())
+            e = self.config.engine
+            source = self._source or open_source(self.config.input, width=e.width, height=e.height)
+            self.capture = CaptureRunner(source, self._in_box)
+            self._set_status(state="warming")
+            self._warm_up(driver)
+            self._set_status(state="running")
+            self.ready.set()
+            self._loop(driver, stop)
+        except BaseException:
+            self._set_status(state="error")
+            raise
+        finally:
+            self._shutdown()
+
+    def _warm_up(self, driver: EngineDriver) -> None:
+        e = self.config.engine
+        blank = np.zeros((e.height, e.width, 4), np.uint8)
+        for _ in range(self.config.runtime.warmup_frames):
+            driver.engine(blank, output_type="uint8")
+        driver.engine.similarity.reset()
+
+    def _shutdown(self) -> None:
+        started = time.perf_counter()
+        if self.capture is not None:
+            self.capture.stop(0.5)
+        self._in_box.close()
+        for runner in reversed(self.sinks):
+            runner.stop(0.5)
+        self.controls.close()
+        log.info("shut down in %.2f s", time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ the engine loop
+    def _apply_pending(self, driver: EngineDriver) -> None:
+        pending = self.store.take_pending()
+        for name, item in sorted(pending.items(), key=lambda kv: kv[1].version):
+            try:
+                if name == "freeze":
+                    self._freeze = bool(item.value)
+                    changed = {name: item.value}
+                elif name == "bypass":
+                    self._bypass = bool(item.value)
+                    changed = {name: item.value}
+                else:
+                    changed = driver.apply(name, item.value)
+            except (ValueError, TypeError) as exc:
+                self.controls.refuse(name, f"the engine refused {name}={item.value!r}: {exc}")
+                continue
+            for key, value in changed.items():
+                self.store.commit(key, value)
+            self._applied_version = max(self._applied_version, item.version)
+        if pending:
+            self.controls.poke()
+
+    def _loop(self, driver: EngineDriver, stop: threading.Event) -> None:
+        from bridge.transports.synthetic import Pacer
+
+        rt = self.config.runtime
+        e = self.config.engine
+        pacer = Pacer(rt.fps)
+        hold_period_s = 1.0 / (rt.fps or 30.0)
+        last_out: Frame | None = None
+        last_input_t = time.perf_counter()
+        next_status = 0.0
+        engine = driver.engine
+        while not stop.is_set():
+            frame = self._in_box.get(min(hold_period_s, 0.1))
+            now = time.perf_counter()
+            if frame is None:
+                held = last_out is not None and now - last_input_t >= rt.hold_after_s
+                if self.status().mode != "holding" and held:
+                    log.warning("the input stopped delivering; holding the last output")
+                if held and last_out is not None and pacer.wait(0.0):
+                    self._set_status(mode="holding")
+                    self._emit(last_out, "held", now, 0.0)
+                if now >= next_status:
+                    self._refresh_status()
+                    next_status = now + 0.25
+                continue
+            if self.status().mode == "holding":
+                log.warning("the input is back")
+            last_input_t = now
+            self._apply_pending(driver)
+            mode = "frozen" if self._freeze else "bypass" if self._bypass else "live"
+            if mode != self.status().mode:
+                self._set_status(mode=mode)
+            t_start = time.perf_counter()
+            engine_ms = 0.0
+            if mode == "frozen" and last_out is not None:
+                out, kind = last_out.pixels, "frozen"
+            elif mode == "bypass":
+                out, kind = fit(frame.pixels, e.width, e.height), "bypass"
+            else:
+                skipped_before = engine.stats.skipped
+                try:
+                    out = engine(fit(frame.pixels, e.width, e.height), output_type="uint8")
+                except Exception as exc:  # the show goes on: keep the last output, report the fault
+                    self._engine_errors += 1
+                    self._last_error = f"engine: {type(exc).__name__}: {exc}"
+                    log.exception("engine call failed; repeating the last output")
+                    if self._engine_errors >= 3:
+                        self._set_status(state="error")
+                    if last_out is None:
+                        continue
+                    out, kind = last_out.pixels, "held"
+                else:
+                    if self._engine_errors:
+                        self._engine_errors, self._last_error = 0, ""
+                        self._set_status(state="running", error="")
+                    engine_ms = 1000 * (time.perf_counter() - t_start)
+                    kind = "skipped" if engine.stats.skipped > skipped_before else "engine"
+            # an output frame keeps the seq and capture time of the input it was made from
+            last_out = Frame(out, frame.seq, frame.t_capture)
+            pacer.wait(hold_period_s * 4)  # pace the output, never waiting unboundedly
+            self._emit(last_out, kind, t_start, engine_ms)
+            if time.perf_counter() >= next_status:
+                self._refresh_status()
+                next_status = time.perf_counter() + 0.25
+
+    def _emit(self, frame: Frame, kind: str, t_start: float, engine_ms: float) -> None:
+        t_emit = time.perf_counter()
+        for runner in self.sinks:
+            runner.box.put(frame)
+        self._out_seq += 1
+        info = OutputInfo(
+            self._out_seq, frame.seq, kind, frame.t_capture, t_start, t_emit, engine_ms, self._applied_version
+        )
+        self._outputs.append(info)
+        self._set_status(frames=self._status.frames + 1)
+        for observer in self._observers:
+            observer(frame, info)
