@@ -38,7 +38,7 @@ class EngineConfig:
     acceleration: str = "none"  # none | compile (torch.compile)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
-    frame_buffer_size: int = 1
+    frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)
     use_denoising_batch: bool = True
     tiny_vae: str = ""  # "taesd", "taesdxl", a hub id or a folder: swap in a tiny VAE; "" = none
     lcm_lora: str = ""  # hub id or local path of an LCM-LoRA to fuse; "" for none
@@ -331,8 +331,15 @@ def _check(config: BridgeConfig, where: str) -> None:
             fail(f"engine.{key} must be one of {', '.join(choices)}, got {getattr(e, key)!r}")
     if e.dtype not in ("auto", "float16", "float32", "bfloat16"):
         fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {e.dtype!r}")
-    if e.frame_buffer_size < 1:
-        fail(f"engine.frame_buffer_size must be >= 1, got {e.frame_buffer_size}")
+    if e.frame_buffer_size != 1:
+        # The live bridge hands the engine each input frame as it comes and sends each output
+        # at once; f > 1 would hold every frame back until f-1 later ones arrived.
+        fail(
+            f"engine.frame_buffer_size must be 1 for the live bridge, got {e.frame_buffer_size}: "
+            "it makes every engine call take f input frames at once, so each frame would wait "
+            "for the next f-1 (adding (f-1)/fps of latency) and outputs would leave in bursts. "
+            "Set it to 1; StreamEngine(frame_buffer_size=f) stays available from Python"
+        )
     _check_kind("input.kind", config.input.kind, SOURCE_KINDS, fail)
     for i, sink in enumerate(config.outputs):
         key = "output" if i == 0 else f"extra_outputs.{i - 1}"

@@ -14,15 +14,20 @@ MODES = ("live", "frozen", "bypass", "holding")
 class Status:
     """A snapshot the runtime publishes: `/sd/status/<field>` for each field."""
 
-    state: str = "loading"  # one of STATES
+    state: str = "loading"  # one of STATES; never an error text (that is `error`)
     mode: str = "live"  # one of MODES: holding = the source stopped, the last output repeats
-    fps: float = 0.0  # output frames per second, over the last second or so
-    latency_ms: float = 0.0  # capture to output, median of recent frames
-    engine_ms: float = 0.0  # engine call, median of recent frames
-    skip_rate: float = 0.0  # similarity-filter skips / frames, recent window
+    fps: float = 0.0  # output frames per second: the last 2 s, or the last two frames below 1 fps
+    latency_ms: float = 0.0  # capture to output, median of the last engine frames only; kept
+    # as it was while frozen, bypassed or holding (see latency_age_s)
+    engine_ms: float = 0.0  # engine call, median of the last engine frames
+    skip_rate: float = 0.0  # similarity-filter skips / frames the engine saw, recent window
     dropped: int = 0  # frames replaced in a mailbox before anyone took them, all stages
     frames: int = 0  # output frames so far
-    error: str = ""  # the last error, "" when none
+    error: str = ""  # the bridge's most serious current problem (engine, output, input, MIDI),
+    # else an OSC or form mistake of the last few seconds; "" when none
+    latency_age_s: float = 0.0  # seconds since the newest engine frame behind latency_ms
+    dropped_at: str = ""  # where `dropped` happened: "input 12, preview 3" (mailboxes with drops)
+    control_error: str = ""  # the last refused control message, for a few seconds; "" when none
 
 
 class RateLimitedLog:

@@ -46,6 +46,7 @@ class CaptureRunner:
                     self._log.warning("input", f"{self.last_error} (holding the last output, retrying)")
                     self._stop.wait(0.1)
                     continue
+                self.last_error = ""  # the read worked: the old error is no longer true
                 if frame is not None:
                     self.frames += 1
                     self.box.put(frame)

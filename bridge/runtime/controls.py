@@ -4,6 +4,7 @@ before the engine loads, closed after the outputs."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ from bridge.params import BY_NAME, ParamStore
 from bridge.runtime.closing import close_logged
 
 log = logging.getLogger(__name__)
+
+MISTAKE_SHOWN_S = 5.0  # how long status shows a refused control message
 
 
 class Controls:
@@ -31,6 +34,8 @@ class Controls:
         self.midi: Any = None  # bridge.control.midi.MidiInput when MIDI is on and a port opened
         self.midi_mapper: Any = None  # bridge.control.midi.MidiMapper when MIDI is on
         self.midi_error = ""
+        self._mistake = ("", -1e9)  # the last refused control message and when (monotonic s)
+        self._osc_seen: tuple[str, int] = ("", 0)  # OscControl's last error and mistake count
 
     def start(self) -> None:
         self._start_osc()
@@ -42,11 +47,27 @@ class Controls:
             self.publisher.poke()
 
     def refuse(self, name: str, reason: str) -> None:
-        """Report a value the engine refused: on /sd/error when OSC is on, else in the log."""
+        """Report a value the engine refused: on /sd/error when OSC is on, else in the log;
+        in status for a few seconds either way."""
         if self.control is not None:
             self.control.reject(BY_NAME[name].address, reason, None)
         else:
             log.warning("%s", reason)
+        self._mistake = (f"{BY_NAME[name].address}: {reason}", time.monotonic())
+
+    def recent_error(self) -> str:
+        """The last refused control message (OSC, a form, a value the engine refused) while it
+        is under MISTAKE_SHOWN_S old, else "". A mistake is the sender's, not the bridge's:
+        it is shown briefly and never stands for the bridge's state or its other errors."""
+        control = self.control
+        if control is not None:
+            seen = (control.last_error, control.counters.rejected + control.counters.unknown)
+            if seen != self._osc_seen:
+                self._osc_seen = seen
+                if control.last_error:
+                    self._mistake = (control.last_error, time.monotonic())
+        text, since = self._mistake
+        return text if time.monotonic() - since < MISTAKE_SHOWN_S else ""
 
     def _start_osc(self) -> None:
         osc = self.config.osc

@@ -32,17 +32,22 @@ class EngineDriver:
             enabled=values["ssf/enabled"], threshold=values["ssf/threshold"], max_skip=values["ssf/max_skip"]
         )
 
+    def encode(self, name: str, value: Any) -> None:
+        """Put the texts of a prompt value (`prompt`, `prompt_blend` or `negative_prompt`) into
+        the engine's prompt cache, so that applying it later costs no text-encoder call. Runs on
+        the prompt encoder's thread, alongside frames. Raises ValueError for a bad blend."""
+        what = "negative_prompt" if name == "negative_prompt" else "prompt"
+        self.engine.prompt_cache.blend(list(value) if name == "prompt_blend" else value, what=what)
+
     def apply(self, name: str, value: Any) -> dict[str, Any]:
-        """Apply one live value; returns every value it changed (strength also moves
-        t_index_list and the reverse). Raises ValueError when the engine refuses it."""
+        """Apply one live value; returns what the engine now holds for every value it touched,
+        read back from the engine (strength also moves t_index_list and the reverse), so the
+        store records what was applied, not what was asked. Raises ValueError or TypeError when
+        the engine refuses it."""
         e = self.engine
-        if name == "prompt":
-            e.set_prompt(value)
-            return {"prompt": value, "prompt_blend": ()}
-        if name == "prompt_blend":
-            e.set_prompt(list(value))
-            return {"prompt_blend": value}
-        if name == "negative_prompt":
+        if name in ("prompt", "prompt_blend"):
+            e.set_prompt(value if name == "prompt" else list(value))
+        elif name == "negative_prompt":
             e.set_negative_prompt(value)
         elif name == "seed":
             e.set_seed(value)
@@ -51,19 +56,47 @@ class EngineDriver:
         elif name == "delta":
             e.set_delta(value)
         elif name == "strength":
-            t_index = strength_to_t_index(value, e.num_steps)
-            e.set_t_index_list(list(t_index))
-            return {"strength": value, "t_index_list": t_index}
+            e.set_t_index_list(list(strength_to_t_index(value, e.num_steps)))
         elif name == "t_index_list":
             e.set_t_index_list(list(value))
-            return {"t_index_list": tuple(value), "strength": t_index_to_strength(value)}
         elif name == "ssf/enabled":
             e.set_similarity_filter(enabled=value)
         elif name == "ssf/threshold":
             e.set_similarity_filter(threshold=value)
         elif name == "ssf/max_skip":
             e.set_similarity_filter(max_skip=value)
-        return {name: value}
+        else:
+            raise ValueError(f"{name} is not a value the engine takes")
+        return self.applied(name, value)
+
+    def applied(self, name: str, asked: Any) -> dict[str, Any]:
+        """The engine's own values for `name` and the ones that move with it. `asked` is only
+        used for strength, which the engine does not keep: it stands while the engine's
+        t_index_list is the one that strength maps to."""
+        e = self.engine
+        if name in ("prompt", "prompt_blend"):
+            current = e.current_prompt()
+            if isinstance(current, str):
+                return {"prompt": current, "prompt_blend": ()}
+            return {"prompt_blend": tuple((str(text), float(weight)) for text, weight in current)}
+        if name == "negative_prompt":
+            return {name: e.current_negative_prompt()}
+        if name == "seed":
+            return {name: e.current_seed()}
+        if name == "guidance":
+            return {name: e.guidance_scale}
+        if name == "delta":
+            return {name: e.delta}
+        if name in ("strength", "t_index_list"):
+            t_index = tuple(int(t) for t in e.t_index_list)
+            kept = name == "strength" and t_index == strength_to_t_index(asked, len(t_index))
+            return {"t_index_list": t_index, "strength": asked if kept else t_index_to_strength(t_index)}
+        ssf = e.similarity
+        if name == "ssf/enabled":
+            return {name: bool(ssf.enabled)}
+        if name == "ssf/threshold":
+            return {name: float(ssf.threshold)}
+        return {name: int(ssf.max_skip)}
 
 
 DEFAULT_T_INDEX = LIVE["t_index_list"].default

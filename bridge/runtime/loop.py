@@ -13,7 +13,6 @@ import logging
 import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,13 +26,16 @@ from bridge.params import BY_NAME, ParamError, ParamStore, coerce, table, text_a
 from bridge.runtime.capture import CaptureRunner
 from bridge.runtime.controls import Controls
 from bridge.runtime.driver import EngineDriver, initial_values, load_engine
+from bridge.runtime.encoding import ENCODED, PromptEncoder
 from bridge.runtime.mailbox import Mailbox
 from bridge.runtime.sinks import SINK_OPEN_WAIT_S, SinkRunner, sink_label, sink_problem
-from bridge.runtime.status import OutputInfo, measure
+from bridge.runtime.status import OutputInfo, OutputRecord, dropped_at
 from bridge.transports.base import Sink, SinkContext, Source
 from bridge.transports.registry import open_sink, open_source, prepare_media
 
 log = logging.getLogger(__name__)
+
+ENGINE_ERRORS_FOR_STATE = 3  # failed engine calls in a row before the state turns "error"
 
 
 class Bridge:
@@ -66,11 +68,13 @@ class Bridge:
         self.ready = threading.Event()  # set once the state is "running"
         self._freeze = bool(self.store.get("freeze"))
         self._bypass = bool(self.store.get("bypass"))
-        self._applied_version = 0
+        self._applied_version = 0  # the newest submission applied (or refused)
+        self._encoding: dict[str, int] = {}  # prompt values being encoded: name -> version
+        self._encoder: PromptEncoder | None = None
         self._in_box: Mailbox[Frame] = Mailbox()
-        self._outputs: deque[OutputInfo] = deque(maxlen=60)
-        self._engine_errors = 0
-        self._last_error = ""
+        self._record = OutputRecord()
+        self._engine_errors = 0  # engine calls failed in a row
+        self._engine_error = ""  # the last one's message, "" once a call succeeds again
         self._out_seq = 0
 
     # ------------------------------------------------------------------ status
@@ -88,22 +92,35 @@ class Bridge:
         if "state" in changes or "mode" in changes or "error" in changes:
             self.controls.poke()
 
-    def _refresh_status(self) -> None:
-        figures = measure(list(self._outputs), time.perf_counter())
-        dropped = self._in_box.dropped + sum(s.box.dropped for s in self.sinks)
-        errors = [sink_problem(s) for s in self.sinks]
+    def problems(self) -> list[tuple[str, str]]:
+        """Every current problem as (source, message), the most serious first: the engine,
+        then each output, the input, MIDI. Each source's message is cleared by that source
+        when it recovers (a write that works, a read that works, an engine call that works)."""
+        found = [("engine", self._engine_error)]
+        found += [(f"output {s.label}", sink_problem(s)) for s in self.sinks]
         if self.capture is not None:
-            errors += [self.capture.last_error, self.capture.waiting()]
-        errors = [e for e in [*errors, self.controls.midi_error] if e]
-        control = self.controls.control
-        error = self._last_error or (control.last_error if control else "") or (errors[0] if errors else "")
-        self._set_status(**figures, dropped=dropped, error=error)
+            found += [("input", self.capture.last_error), ("input", self.capture.waiting())]
+        found.append(("midi", self.controls.midi_error))
+        return [(source, message) for source, message in found if message]
+
+    def _refresh_status(self) -> None:
+        problems = self.problems()
+        control_error = self.controls.recent_error()
+        slots = [("input", self._in_box.dropped), *((s.label, s.box.dropped) for s in self.sinks)]
+        self._set_status(
+            **self._record.figures(time.perf_counter()),
+            dropped=sum(count for _, count in slots),
+            dropped_at=dropped_at(slots),
+            error=problems[0][1] if problems else control_error,
+            control_error=control_error,
+        )
 
     def status_dict(self) -> dict[str, Any]:
         """Status and live values as JSON-able data (the preview page's /status)."""
         data: dict[str, Any] = dict(vars(self.status()))
         values = self.store.snapshot()
         data["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        data["problems"] = [{"source": source, "error": message} for source, message in self.problems()]
         if self.controls.control is not None:
             data["osc"] = self.controls.control.counters.as_dict()
         data["outputs"] = {
@@ -124,6 +141,7 @@ class Bridge:
         if self.capture is not None:
             data["input"] = {
                 "frames": self.capture.frames,
+                "dropped": self._in_box.dropped,
                 "failures": self.capture.failures,
                 "waiting": self.capture.waiting(),
                 "last_error": self.capture.last_error,
@@ -167,20 +185,32 @@ class Bridge:
         for runner in self.sinks:
             runner.wait_open(SINK_OPEN_WAIT_S)
 
+    def check_media(self) -> None:
+        """What can be checked of the input and outputs without opening them, before the engine
+        loads (a missing file or camera is found in a second rather than after the model):
+        the hook the registry's checks run from. Raises with the reason when the bridge cannot
+        run this config."""
+        prepare_media(self.config.input, self.config.outputs)
+
     def run(self, stop: threading.Event) -> None:
-        """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start."""
+        """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start.
+        A stop while the model loads ends the start at once (see `_load`)."""
         try:
             self._set_status(state="loading")
-            prepare_media(self.config.input, self.config.outputs)
+            self.check_media()
             self.controls.start()
             self._open_sinks()
-            driver = self.driver = self._engine_factory(self.config)
-            driver.prepare(self.store.snapshot())
+            driver = self._load(stop)
+            if driver is None:
+                return
+            self.driver = driver
+            self._encoder = PromptEncoder(driver.encode)
             e = self.config.engine
             source = self._source or open_source(self.config.input, width=e.width, height=e.height)
             self.capture = CaptureRunner(source, self._in_box)
             self._set_status(state="warming")
-            self._warm_up(driver)
+            if not self._warm_up(driver, stop):
+                return
             self._set_status(state="running")
             self.ready.set()
             self._loop(driver, stop)
@@ -190,18 +220,53 @@ class Bridge:
         finally:
             self._shutdown()
 
-    def _warm_up(self, driver: EngineDriver) -> None:
+    def _load(self, stop: threading.Event) -> EngineDriver | None:
+        """Build and prepare the engine on a thread of its own while this one watches `stop`:
+        a load takes seconds to minutes, mostly inside libraries that never look at a stop
+        flag, and Ctrl+C must end the bridge within 2 s. Returns None when stopped first; the
+        abandoned load runs on to its end on its daemon thread (the CLI's process exits
+        without waiting for it)."""
+        done = threading.Event()
+        result: list[EngineDriver] = []
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                driver = self._engine_factory(self.config)
+                driver.prepare(self.store.snapshot())
+                result.append(driver)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=load, name="engine-load", daemon=True).start()
+        while not done.wait(0.05):
+            if stop.is_set():
+                log.warning("stopped while the model was loading")
+                return None
+        if errors:
+            raise errors[0]
+        return result[0]
+
+    def _warm_up(self, driver: EngineDriver, stop: threading.Event) -> bool:
+        """The warm-up frames; False when `stop` came first."""
         e = self.config.engine
         blank = np.zeros((e.height, e.width, 4), np.uint8)
         for _ in range(self.config.runtime.warmup_frames):
+            if stop.is_set():
+                return False
             driver.engine(blank, output_type="uint8")
         driver.engine.similarity.reset()
+        return True
 
     def _shutdown(self) -> None:
         started = time.perf_counter()
         if self.capture is not None:
             self.capture.stop(0.5)
         self._in_box.close()
+        if self._encoder is not None:
+            self._encoder.close()
         for runner in reversed(self.sinks):
             runner.stop(0.5)
         self.controls.close()
@@ -209,25 +274,61 @@ class Bridge:
 
     # ------------------------------------------------------------------ the engine loop
     def _apply_pending(self, driver: EngineDriver) -> None:
+        """Apply what was submitted since the last frame, and the prompts encoded since.
+
+        A new prompt goes to the encoder thread first and is applied once its texts are
+        cached, so the frames in between run with the old prompt instead of waiting."""
         pending = self.store.take_pending()
+        changed = False
         for name, item in sorted(pending.items(), key=lambda kv: kv[1].version):
-            try:
-                if name == "freeze":
-                    self._freeze = bool(item.value)
-                    changed = {name: item.value}
-                elif name == "bypass":
-                    self._bypass = bool(item.value)
-                    changed = {name: item.value}
-                else:
-                    changed = driver.apply(name, item.value)
-            except (ValueError, TypeError) as exc:
-                self.controls.refuse(name, f"the engine refused {name}={item.value!r}: {exc}")
+            if name in ENCODED and self._encoder is not None:
+                self._encoding[name] = item.version
+                self._encoder.submit(name, item.value, item.version)
                 continue
-            for key, value in changed.items():
-                self.store.commit(key, value)
-            self._applied_version = max(self._applied_version, item.version)
-        if pending:
+            self._apply(driver, name, item.value, item.version)
+            changed = True
+        for done in self._encoder.take_done() if self._encoder is not None else ():
+            if self._encoding.get(done.name) != done.version:
+                continue  # a newer value for it is on its way
+            del self._encoding[done.name]
+            if done.error is not None:
+                self._refused(done.name, done.value, done.version, done.error)
+            else:
+                self._apply(driver, done.name, done.value, done.version)
+            changed = True
+        if changed:
             self.controls.poke()
+
+    def _apply(self, driver: EngineDriver, name: str, value: Any, version: int) -> None:
+        """Apply one value and commit to the store what the engine then holds."""
+        try:
+            if name == "freeze":
+                self._freeze = bool(value)
+                applied = {name: self._freeze}
+            elif name == "bypass":
+                self._bypass = bool(value)
+                applied = {name: self._bypass}
+            else:
+                applied = driver.apply(name, value)
+        except (ValueError, TypeError) as exc:
+            self._refused(name, value, version, exc)
+            return
+        for key, held in applied.items():
+            self.store.commit(key, held)
+        if name in applied and applied[name] != value:
+            log.warning("the engine took %s=%s as %s", name, _cut(repr(value)), _cut(repr(applied[name])))
+        self._applied_version = max(self._applied_version, version)
+
+    def _refused(self, name: str, value: Any, version: int, exc: BaseException) -> None:
+        self.controls.refuse(name, f"the engine refused {name}={_cut(repr(value))}: {exc}")
+        self._applied_version = max(self._applied_version, version)
+
+    def _version_applied(self) -> int:
+        """The newest submission version such that every one before it has been applied or
+        refused (a prompt still being encoded holds it back)."""
+        if not self._encoding:
+            return self._applied_version
+        return min(self._applied_version, min(self._encoding.values()) - 1)
 
     def _loop(self, driver: EngineDriver, stop: threading.Event) -> None:
         from bridge.transports.synthetic import Pacer
@@ -273,17 +374,19 @@ class Bridge:
                     out = engine(fit(frame.pixels, e.width, e.height), output_type="uint8")
                 except Exception as exc:  # the show goes on: keep the last output, report the fault
                     self._engine_errors += 1
-                    self._last_error = f"engine: {type(exc).__name__}: {exc}"
+                    self._engine_error = _cut(f"engine: {type(exc).__name__}: {exc}", 300)
                     log.exception("engine call failed; repeating the last output")
-                    if self._engine_errors >= 3:
+                    if self._engine_errors == ENGINE_ERRORS_FOR_STATE:
                         self._set_status(state="error")
+                        self._refresh_status()
                     if last_out is None:
                         continue
                     out, kind = last_out.pixels, "held"
                 else:
                     if self._engine_errors:
-                        self._engine_errors, self._last_error = 0, ""
-                        self._set_status(state="running", error="")
+                        self._engine_errors, self._engine_error = 0, ""
+                        self._set_status(state="running")
+                        self._refresh_status()
                     engine_ms = 1000 * (time.perf_counter() - t_start)
                     kind = "skipped" if engine.stats.skipped > skipped_before else "engine"
             # an output frame keeps the seq and capture time of the input it was made from
@@ -300,9 +403,21 @@ class Bridge:
             runner.box.put(frame)
         self._out_seq += 1
         info = OutputInfo(
-            self._out_seq, frame.seq, kind, frame.t_capture, t_start, t_emit, engine_ms, self._applied_version
+            self._out_seq,
+            frame.seq,
+            kind,
+            frame.t_capture,
+            t_start,
+            t_emit,
+            engine_ms,
+            self._version_applied(),
         )
-        self._outputs.append(info)
+        self._record.add(info)
         self._set_status(frames=self._status.frames + 1)
         for observer in self._observers:
             observer(frame, info)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """`text` for a message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -142,6 +142,7 @@ class SinkRunner:
                 in_a_row = 0
                 self.write_ms.append(1000 * (time.perf_counter() - t0))
                 self.written += 1
+                self.last_error = ""  # it works again: the old error is no longer true
         finally:
             self._first_open.set()
             self._close_sink()
