@@ -148,3 +148,16 @@ def test_an_osc_mistake_alone_is_the_error_for_a_few_seconds(tiny_pipe: Any) -> 
         wait_for(lambda: bridge.status().error == "", timeout_s=15)
         assert time.monotonic() - shown >= 4.0  # shown for its few seconds, not cleared by chance
         assert bridge.status().state == "running" and bridge.status().control_error == ""
+
+
+def test_rate_limited_log_keeps_a_bounded_table(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from bridge.control.status import RateLimitedLog
+
+    limited = RateLimitedLog(logging.getLogger("test.ratelimit"), interval_s=60.0, max_keys=8)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for i in range(20_000):
+            limited.warning(f"unknown:/x/{i}", f"OSC to unknown address '/x/{i}'")
+    assert len(caplog.records) == 9  # 8 keys of their own, then one line for all the others
+    assert len(limited._last) == 9 and len(limited._held) <= 9

@@ -31,15 +31,23 @@ class Status:
 
 
 class RateLimitedLog:
-    """Log at most one message per `key` every `interval_s`, counting the ones it held back."""
+    """Log at most one message per `key` every `interval_s`, counting the ones it held back.
 
-    def __init__(self, logger: logging.Logger, interval_s: float = 5.0) -> None:
+    At most `max_keys` keys get a budget of their own; messages under any further key share one
+    (so 20,000 distinct OSC addresses make a handful of lines, and the table stays bounded)."""
+
+    OVERFLOW = "(other keys)"
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 5.0, *, max_keys: int = 64) -> None:
         self._logger = logger
         self._interval_s = interval_s
+        self._max_keys = max_keys
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
     def warning(self, key: str, message: str) -> None:
+        if key not in self._last and len(self._last) >= self._max_keys:
+            key = self.OVERFLOW
         now = time.monotonic()
         if now - self._last.get(key, -1e9) < self._interval_s:
             self._held[key] = self._held.get(key, 0) + 1

@@ -2,9 +2,10 @@
 
 One module per role: `mailbox` (the latest-wins hand-over), `sinks` and `capture` (the runners
 that own an output or the input on their own thread), `driver` (the engine: loading it and
-applying live values), `status` (what each output frame was and the figures made from it),
-`controls` (OSC, OSCQuery and MIDI start-up), `loop` (the `Bridge` and its engine loop) and
-`background` (a bridge on a thread of its own).
+applying live values), `live` (submitted values applied between frames, committed as the
+engine holds them), `encoding` (new prompts encoded off the loop), `status` (what each output
+frame was and the figures made from it), `controls` (OSC, OSCQuery and MIDI start-up), `loop`
+(the `Bridge` and its engine loop) and `background` (a bridge on a thread of its own).
 """
 
 from bridge.runtime.background import in_background

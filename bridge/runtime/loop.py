@@ -26,7 +26,7 @@ from bridge.params import BY_NAME, ParamError, ParamStore, coerce, table, text_a
 from bridge.runtime.capture import CaptureRunner
 from bridge.runtime.controls import Controls
 from bridge.runtime.driver import EngineDriver, initial_values, load_engine
-from bridge.runtime.encoding import ENCODED, PromptEncoder
+from bridge.runtime.live import LiveValues, cut
 from bridge.runtime.mailbox import Mailbox
 from bridge.runtime.sinks import SINK_OPEN_WAIT_S, SinkRunner, sink_label, sink_problem
 from bridge.runtime.status import OutputInfo, OutputRecord, dropped_at
@@ -66,11 +66,7 @@ class Bridge:
         self.driver: EngineDriver | None = None
         self.controls = Controls(config, self.store, status=self.status)
         self.ready = threading.Event()  # set once the state is "running"
-        self._freeze = bool(self.store.get("freeze"))
-        self._bypass = bool(self.store.get("bypass"))
-        self._applied_version = 0  # the newest submission applied (or refused)
-        self._encoding: dict[str, int] = {}  # prompt values being encoded: name -> version
-        self._encoder: PromptEncoder | None = None
+        self.live: LiveValues | None = None  # made once the engine is prepared
         self._in_box: Mailbox[Frame] = Mailbox()
         self._record = OutputRecord()
         self._engine_errors = 0  # engine calls failed in a row
@@ -88,9 +84,9 @@ class Bridge:
 
     def _set_status(self, **changes: Any) -> None:
         with self._status_lock:
-            self._status = replace(self._status, **changes)
-        if "state" in changes or "mode" in changes or "error" in changes:
-            self.controls.poke()
+            before, self._status = self._status, replace(self._status, **changes)
+        if any(getattr(before, key) != getattr(self._status, key) for key in ("state", "mode", "error")):
+            self.controls.poke()  # news a show needs at once, not at the next interval
 
     def problems(self) -> list[tuple[str, str]]:
         """Every current problem as (source, message), the most serious first: the engine,
@@ -204,7 +200,7 @@ class Bridge:
             if driver is None:
                 return
             self.driver = driver
-            self._encoder = PromptEncoder(driver.encode)
+            live = self.live = LiveValues(self.store, self.controls, driver)
             e = self.config.engine
             source = self._source or open_source(self.config.input, width=e.width, height=e.height)
             self.capture = CaptureRunner(source, self._in_box)
@@ -213,7 +209,7 @@ class Bridge:
                 return
             self._set_status(state="running")
             self.ready.set()
-            self._loop(driver, stop)
+            self._loop(driver, live, stop)
         except BaseException:
             self._set_status(state="error")
             raise
@@ -265,72 +261,15 @@ class Bridge:
         if self.capture is not None:
             self.capture.stop(0.5)
         self._in_box.close()
-        if self._encoder is not None:
-            self._encoder.close()
+        if self.live is not None:
+            self.live.close()
         for runner in reversed(self.sinks):
             runner.stop(0.5)
         self.controls.close()
         log.info("shut down in %.2f s", time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the engine loop
-    def _apply_pending(self, driver: EngineDriver) -> None:
-        """Apply what was submitted since the last frame, and the prompts encoded since.
-
-        A new prompt goes to the encoder thread first and is applied once its texts are
-        cached, so the frames in between run with the old prompt instead of waiting."""
-        pending = self.store.take_pending()
-        changed = False
-        for name, item in sorted(pending.items(), key=lambda kv: kv[1].version):
-            if name in ENCODED and self._encoder is not None:
-                self._encoding[name] = item.version
-                self._encoder.submit(name, item.value, item.version)
-                continue
-            self._apply(driver, name, item.value, item.version)
-            changed = True
-        for done in self._encoder.take_done() if self._encoder is not None else ():
-            if self._encoding.get(done.name) != done.version:
-                continue  # a newer value for it is on its way
-            del self._encoding[done.name]
-            if done.error is not None:
-                self._refused(done.name, done.value, done.version, done.error)
-            else:
-                self._apply(driver, done.name, done.value, done.version)
-            changed = True
-        if changed:
-            self.controls.poke()
-
-    def _apply(self, driver: EngineDriver, name: str, value: Any, version: int) -> None:
-        """Apply one value and commit to the store what the engine then holds."""
-        try:
-            if name == "freeze":
-                self._freeze = bool(value)
-                applied = {name: self._freeze}
-            elif name == "bypass":
-                self._bypass = bool(value)
-                applied = {name: self._bypass}
-            else:
-                applied = driver.apply(name, value)
-        except (ValueError, TypeError) as exc:
-            self._refused(name, value, version, exc)
-            return
-        for key, held in applied.items():
-            self.store.commit(key, held)
-        if name in applied and applied[name] != value:
-            log.warning("the engine took %s=%s as %s", name, _cut(repr(value)), _cut(repr(applied[name])))
-        self._applied_version = max(self._applied_version, version)
-
-    def _refused(self, name: str, value: Any, version: int, exc: BaseException) -> None:
-        self.controls.refuse(name, f"the engine refused {name}={_cut(repr(value))}: {exc}")
-        self._applied_version = max(self._applied_version, version)
-
-    def _version_applied(self) -> int:
-        """The newest submission version such that every one before it has been applied or
-        refused (a prompt still being encoded holds it back)."""
-        if not self._encoding:
-            return self._applied_version
-        return min(self._applied_version, min(self._encoding.values()) - 1)
-
-    def _loop(self, driver: EngineDriver, stop: threading.Event) -> None:
+    def _loop(self, driver: EngineDriver, live: LiveValues, stop: threading.Event) -> None:
         from bridge.transports.synthetic import Pacer
 
         rt = self.config.runtime
@@ -358,8 +297,8 @@ class Bridge:
             if self.status().mode == "holding":
                 log.warning("the input is back")
             last_input_t = now
-            self._apply_pending(driver)
-            mode = "frozen" if self._freeze else "bypass" if self._bypass else "live"
+            live.apply_pending()
+            mode = "frozen" if live.freeze else "bypass" if live.bypass else "live"
             if mode != self.status().mode:
                 self._set_status(mode=mode)
             t_start = time.perf_counter()
@@ -374,7 +313,7 @@ class Bridge:
                     out = engine(fit(frame.pixels, e.width, e.height), output_type="uint8")
                 except Exception as exc:  # the show goes on: keep the last output, report the fault
                     self._engine_errors += 1
-                    self._engine_error = _cut(f"engine: {type(exc).__name__}: {exc}", 300)
+                    self._engine_error = cut(f"engine: {type(exc).__name__}: {exc}", 300)
                     log.exception("engine call failed; repeating the last output")
                     if self._engine_errors == ENGINE_ERRORS_FOR_STATE:
                         self._set_status(state="error")
@@ -402,22 +341,11 @@ class Bridge:
         for runner in self.sinks:
             runner.box.put(frame)
         self._out_seq += 1
+        version = self.live.version_applied() if self.live is not None else 0
         info = OutputInfo(
-            self._out_seq,
-            frame.seq,
-            kind,
-            frame.t_capture,
-            t_start,
-            t_emit,
-            engine_ms,
-            self._version_applied(),
+            self._out_seq, frame.seq, kind, frame.t_capture, t_start, t_emit, engine_ms, version
         )
         self._record.add(info)
         self._set_status(frames=self._status.frames + 1)
         for observer in self._observers:
             observer(frame, info)
-
-
-def _cut(text: str, limit: int = 200) -> str:
-    """`text` for a message, cut to `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
