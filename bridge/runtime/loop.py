@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bridge.config import BridgeConfig
+from bridge.control.osc import OscControl
 from bridge.control.status import Status
 from bridge.frames import Frame, fit
 from bridge.params import BY_NAME, ParamError, ParamStore, coerce, table, text_args
@@ -72,6 +73,16 @@ class Bridge:
         self._engine_errors = 0  # engine calls failed in a row
         self._engine_error = ""  # the last one's message, "" once a call succeeds again
         self._out_seq = 0
+
+    @property
+    def control(self) -> OscControl | None:
+        """The OSC router (its counters), None while OSC is off or not started."""
+        return self.controls.control
+
+    @property
+    def midi_error(self) -> str:
+        """Why MIDI is not running, "" when it is (or is off)."""
+        return self.controls.midi_error
 
     # ------------------------------------------------------------------ status
     def on_output(self, observer: Callable[[Frame, OutputInfo], None]) -> None:
