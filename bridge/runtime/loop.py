@@ -193,10 +193,11 @@ class Bridge:
             runner.wait_open(SINK_OPEN_WAIT_S)
 
     def check_media(self) -> None:
-        """What can be checked of the input and outputs without opening them, before the engine
-        loads (a missing file or camera is found in a second rather than after the model):
-        the hook the registry's checks run from. Raises with the reason when the bridge cannot
-        run this config."""
+        """Runs before the outputs open and the engine loads: the place for every check of the
+        input and outputs that needs no open, so that a mistake (a missing image file or camera)
+        fails in a second rather than after a model load of a minute. Today it applies the
+        process-wide media settings (`registry.prepare_media`). Raises with the reason when the
+        bridge cannot run this config."""
         prepare_media(self.config.input, self.config.outputs)
 
     def run(self, stop: threading.Event) -> None:
