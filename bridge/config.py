@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_fields, mapping_yaml
 from bridge.params import BY_NAME, LIVE, Kind, ParamError, coerce
-from bridge.transports.registry import SINK_KINDS, SOURCE_KINDS
+from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,7 @@ class EngineConfig:
     acceleration: str = "none"  # none | compile (torch.compile)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
-    frame_buffer_size: int = 1
+    frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)
     use_denoising_batch: bool = True
     tiny_vae: str = ""  # "taesd", "taesdxl", a hub id or a folder: swap in a tiny VAE; "" = none
     lcm_lora: str = ""  # hub id or local path of an LCM-LoRA to fuse; "" for none
@@ -50,7 +51,7 @@ class EngineConfig:
 class SourceConfig:
     """The input. Fields a kind does not use are ignored by it."""
 
-    kind: str = "synthetic"  # see bridge.transports.registry.SOURCE_KINDS
+    kind: str = "synthetic"  # see bridge.transports.kinds.SOURCE_KINDS
     fps: float = 30.0  # synthetic, image: frames per second; video: 0 = the file's rate; spout: the sender's
     width: int = 0  # synthetic size; 0 = the engine's size
     height: int = 0
@@ -66,7 +67,7 @@ class SourceConfig:
 class SinkConfig:
     """One output. Fields a kind does not use are ignored by it."""
 
-    kind: str = "shm"  # see bridge.transports.registry.SINK_KINDS
+    kind: str = "shm"  # see bridge.transports.kinds.SINK_KINDS
     name: str = ""  # shm ring / Spout sender / Syphon server / NDI source name; "" = sdbridge_out or sdbridge
     format: str = "rgba"  # rgba|bgra|rgb|bgr: shm and spout as given; ndi adds alpha, virtualcam drops it
     flip: bool = False  # spout / syphon: send upside down (for receivers that count rows from the bottom)
@@ -93,31 +94,8 @@ class OscConfig:
     status_interval_s: float = 1.0
     oscquery_port: int = 0  # serve OSCQuery (the address space over HTTP) on this port; 0 = off
     oscquery_advertise: bool = True  # announce it over mDNS when zeroconf is installed
-    oscquery_allowed_hosts: tuple[
-        str, ...
-    ] = ()  # names besides osc.host and localhost OSCQuery clients may use
-
-
-@dataclass(frozen=True)
-class MidiMapping:
-    """One control -> one live parameter (`midi.mappings` entries; bridge/control/midi.py)."""
-
-    param: str
-    cc: int = -1  # control change number 0..127, or
-    note: int = -1  # note number 0..127
-    channel: int = 0  # 1..16 as printed on controllers; 0 = any channel
-    min: float | None = None  # numeric parameters: the range the control sweeps (default: the parameter's)
-    max: float | None = None
-    curve: str = "linear"  # linear | exp (fine control at the low end) | log (at the high end)
-    takeover: str = "soft"  # soft: pick the value up before moving it; jump: move it at once
-    mode: str = "toggle"  # on/off parameters: toggle (each press flips) | momentary (on while held)
-
-
-def mapping_fields(m: MidiMapping) -> dict[str, Any]:
-    """A mapping as config data: `param`, then the fields that differ from their defaults."""
-    defaults = MidiMapping(param=m.param)
-    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
-    return {k: v for k, v in fields.items() if k == "param" or v != getattr(defaults, k)}
+    # names besides osc.host and localhost that OSCQuery clients may use
+    oscquery_allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -357,8 +335,15 @@ def _check(config: BridgeConfig, where: str) -> None:
             fail(f"engine.{key} must be one of {', '.join(choices)}, got {getattr(e, key)!r}")
     if e.dtype not in ("auto", "float16", "float32", "bfloat16"):
         fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {e.dtype!r}")
-    if e.frame_buffer_size < 1:
-        fail(f"engine.frame_buffer_size must be >= 1, got {e.frame_buffer_size}")
+    if e.frame_buffer_size != 1:
+        # The live bridge hands the engine each input frame as it comes and sends each output
+        # at once; f > 1 would hold every frame back until f-1 later ones arrived.
+        fail(
+            f"engine.frame_buffer_size must be 1 for the live bridge, got {e.frame_buffer_size}: "
+            "it makes every engine call take f input frames at once, so each frame would wait "
+            "for the next f-1 (adding (f-1)/fps of latency) and outputs would leave in bursts. "
+            "Set it to 1; StreamEngine(frame_buffer_size=f) stays available from Python"
+        )
     _check_kind("input.kind", config.input.kind, SOURCE_KINDS, fail)
     for i, sink in enumerate(config.outputs):
         key = "output" if i == 0 else f"extra_outputs.{i - 1}"
@@ -388,8 +373,6 @@ def _check(config: BridgeConfig, where: str) -> None:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             fail(f"osc.status_targets entries must be host:port, got {target!r}")
-    from bridge.control.midi import check_mapping
-
     for i, mapping in enumerate(config.midi.mappings):
         try:
             check_mapping(mapping, f"midi.mappings.{i}")
@@ -410,8 +393,6 @@ def add_midi_mapping(path: str | Path, mapping: MidiMapping) -> str:
     """Add `mapping` to the config file at `path` (created when missing) and turn MIDI on;
     returns what was done, for the user. A file without a `midi` section keeps its text and
     comments (the section is appended); one with a section is rewritten, without comments."""
-    from bridge.control.midi import mapping_yaml
-
     p = Path(path)
     text = p.read_text(encoding="utf-8") if p.exists() else ""
     raw = yaml.safe_load(text) if text.strip() else {}

@@ -57,6 +57,9 @@ def test_a_running_bridge_describes_every_parameter(tiny_pipe: Any) -> None:
         base = f"http://127.0.0.1:{query_port}"
         code, tree = get(base + "/")
         assert code == 200 and tree["FULL_PATH"] == "/"
+        # the runtime hands its OSC router over, so the 0..1 methods are listed
+        assert find(tree, "/sd/norm/guidance")["VALUE"] == [pytest.approx(0.25)]
+        assert find(tree, "/sd/status/dropped_at")["TYPE"] == "s"  # every Status field is a node
         for param in LIVE.values():
             node = find(tree, param.address)
             assert node is not None, param.address

@@ -273,3 +273,244 @@ def test_midi_without_a_midi_subsystem_leaves_the_bridge_running(tiny_pipe: Any)
         assert status["midi"]["port"] == "" and status["midi"]["error"].startswith("MIDI: no MIDI subsystem")
         wait_for(lambda: bridge.status_dict()["error"].startswith("MIDI: no MIDI subsystem"))
         assert bridge.status().state == "running"
+
+
+# ---------------------------------------------------------------------- what reaches the engine
+class StillSource(GatedSource):
+    """The same picture every time: the similarity filter sees identical frames."""
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self.flowing.wait(timeout_s):
+            return None
+        time.sleep(0.01)
+        self.seq += 1
+        return Frame(pattern_frame(0, SIZE, SIZE), self.seq)
+
+
+@contextmanager
+def engine_bridge(
+    tiny_pipe: Any, source: GatedSource, *, cfg_type: str = "self", overrides: tuple[str, ...] = ()
+) -> Iterator[tuple[Bridge, list[OutputInfo], Any]]:
+    """A bridge on a StreamEngine of the given cfg_type; yields the bridge, its outputs and the engine."""
+    from bridge.engine import StreamEngine
+    from bridge.runtime import EngineDriver
+
+    base = ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG, *overrides]
+    config = load_config(None, base)
+    engine = StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type=cfg_type, similarity_seed=0)
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=source)
+    with in_background(bridge, start_timeout_s=120) as infos:
+        yield bridge, infos, engine
+
+
+def applied(bridge: Bridge, infos: list[OutputInfo], **values: Any) -> None:
+    """Submit `values` and wait for an output frame made after all of them were applied."""
+    versions = [bridge.store.submit(name.replace("__", "/"), value) for name, value in values.items()]
+    wait_for(lambda: any(i.param_version >= max(versions) for i in infos))
+
+
+def test_live_changes_reach_the_engine_not_only_the_store(tiny_pipe: Any) -> None:
+    import torch
+
+    with engine_bridge(tiny_pipe, GatedSource(), cfg_type="full") as (bridge, infos, engine):
+        wait_for(lambda: len(infos) >= 3)
+        applied(bridge, infos, seed=9)
+        # the noise the DESIGN names: randn((n*f, 4, H/8, W/8)) from a CPU generator seeded with it
+        expected = torch.randn((2, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(9))
+        assert torch.equal(engine.init_noise.cpu(), expected) and bridge.store.get("seed") == 9
+
+        applied(bridge, infos, delta=0.3)
+        assert engine.delta == pytest.approx(0.3) and engine.guidance_scale == pytest.approx(1.2)
+        applied(bridge, infos, guidance=2.5)
+        assert engine.guidance_scale == pytest.approx(2.5) and engine.delta == pytest.approx(0.3)
+
+        # full CFG: the UNet's first rows carry the negative prompt, as diffusers' own encoder makes it
+        applied(bridge, infos, negative_prompt="blurry, low quality", prompt="a neon city at night")
+        device = engine.init_noise.device
+        negative = tiny_pipe.encode_prompt("blurry, low quality", device, 1, False)[0]
+        positive = tiny_pipe.encode_prompt("a neon city at night", device, 1, False)[0]
+        embeds = engine.prepared_unet_inputs.embeds  # (2 uncond + 2 cond, L, D)
+        assert torch.allclose(embeds[:2], negative.expand(2, -1, -1), atol=1e-6)
+        assert torch.allclose(embeds[2:], positive.expand(2, -1, -1), atol=1e-6)
+        assert bridge.store.get("negative_prompt") == "blurry, low quality"
+
+
+def skip_runs(infos: list[OutputInfo]) -> list[int]:
+    """Lengths of the runs of skipped frames between two engine frames."""
+    runs, current, started = [], 0, False
+    for info in infos:
+        if info.kind == "engine":
+            if started:
+                runs.append(current)
+            started, current = True, 0
+        elif info.kind == "skipped" and started:
+            current += 1
+    return runs
+
+
+def test_max_skip_is_what_the_engine_skips(tiny_pipe: Any) -> None:
+    """Identical frames at threshold 0 are always similar enough: the filter skips exactly
+    max_skip in a row, then runs the engine (the paper's bound)."""
+    with engine_bridge(tiny_pipe, StillSource()) as (bridge, infos, engine):
+        wait_for(lambda: len(infos) >= 3)
+        for max_skip in (2, 4):
+            applied(bridge, infos, ssf__enabled=True, ssf__threshold=0.0, ssf__max_skip=max_skip)
+            n = len(infos)
+            wait_for(lambda n=n: len(skip_runs(infos[n:])) >= 3)
+            assert skip_runs(infos[n:])[:3] == [max_skip] * 3
+            assert bridge.store.get("ssf/max_skip") == engine.similarity.max_skip == max_skip
+
+
+def test_the_store_records_what_the_engine_applied(tiny_pipe: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with engine_bridge(tiny_pipe, GatedSource()) as (bridge, infos, engine):
+        wait_for(lambda: len(infos) >= 3)
+        engine.set_seed = lambda seed: None  # an engine that keeps its seed whatever it is told
+        applied(bridge, infos, seed=7)
+        assert bridge.store.get("seed") == 2 == engine.current_seed()
+        assert "the engine took seed=7 as 2" in caplog.text
+        applied(bridge, infos, strength=1.0)
+        assert bridge.store.get("t_index_list") == tuple(engine.t_index_list) == (0, 25)
+        assert bridge.store.get("strength") == 1.0
+
+
+def test_the_output_goes_on_while_a_new_prompt_is_encoded(
+    tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text encoder is held inside its call (as a 5 MB prompt or a long blend would hold
+    it): frames keep coming with the old prompt, and the new one lands once it is encoded."""
+    encoding, release = threading.Event(), threading.Event()
+    original = tiny_pipe.encode_prompt
+
+    def held_encode(*args: Any, **kwargs: Any) -> Any:
+        encoding.set()
+        assert release.wait(60), "the test never released the encoder"
+        return original(*args, **kwargs)
+
+    with engine_bridge(tiny_pipe, GatedSource()) as (bridge, infos, engine):
+        wait_for(lambda: len(infos) >= 3)
+        old = engine.current_prompt()
+        monkeypatch.setattr(tiny_pipe, "encode_prompt", held_encode)
+        try:
+            version = bridge.store.submit("prompt", "a watercolour harbour")
+            assert encoding.wait(30)
+            n = len(infos)
+            wait_for(lambda: sum(i.kind == "engine" for i in infos[n:]) >= 5)  # not stopped
+            assert engine.current_prompt() == old and bridge.store.get("prompt") == old
+            assert all(i.param_version < version for i in infos[n:])  # not reported as applied
+        finally:
+            release.set()
+        wait_for(lambda: any(i.param_version >= version for i in infos))
+        assert engine.current_prompt() == "a watercolour harbour" == bridge.store.get("prompt")
+        assert engine.prompt_cache.misses >= 2  # the start's prompt, then this one: encoded once
+
+
+def test_engine_faults_switch_the_state_to_error_and_back(tiny_pipe: Any) -> None:
+    source, sink = GatedSource(), RecordingSink()
+    with running(tiny_pipe, CONFIG, [("rec", sink)], source) as (bridge, infos):
+        wait_for(lambda: len(infos) >= 3)
+        engine_class = bridge.driver.engine.__class__  # type: ignore[union-attr]
+        original = engine_class.__call__
+        failing = threading.Event()
+        faults = {"n": 0}
+
+        def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if failing.is_set():
+                faults["n"] += 1
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return original(self, *args, **kwargs)
+
+        engine_class.__call__ = flaky
+        try:
+            failing.set()
+            wait_for(lambda: bridge.status().state == "error")
+            assert faults["n"] >= 3
+            assert bridge.status().error == "engine: RuntimeError: CUDA error: an illegal memory access"
+            n = len(infos)
+            wait_for(lambda: len(infos) >= n + 3)  # the last output is repeated meanwhile
+            assert {i.kind for i in infos[n:]} == {"held"}
+            failing.clear()
+            wait_for(lambda: bridge.status().state == "running")
+            wait_for(lambda: any(i.kind == "engine" for i in infos[n:]))
+        finally:
+            engine_class.__call__ = original
+        assert bridge.status().error == ""
+
+
+def test_frame_buffer_size_above_one_is_refused_with_the_reason() -> None:
+    from bridge.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"engine.frame_buffer_size must be 1 for the live bridge, got 2: .*latency"
+    ):
+        load_config(None, ["engine.frame_buffer_size=2"])
+
+
+def test_a_stop_while_the_model_loads_ends_the_start_at_once() -> None:
+    """The loader is held (as a download or a model build holds it); stop must not wait for it."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_loader(_cfg: Any) -> Any:
+        loading.set()
+        release.wait(60)
+        raise RuntimeError("released")
+
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    bridge = Bridge(config, engine_factory=slow_loader, source=GatedSource())
+    stop = threading.Event()
+    thread = threading.Thread(target=bridge.run, args=(stop,))
+    thread.start()
+    try:
+        assert loading.wait(30)
+        stopped = time.monotonic()
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - stopped < 5.0  # generous; about 0.1 s here
+        assert bridge.driver is None and not bridge.ready.is_set()
+    finally:
+        release.set()
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_process(tmp_path: Path) -> None:
+    """A real `sdbridge run` building the tiny model into an empty cache (tens of seconds on a
+    CPU): SIGINT during the load ends the process within a generous bound (it took 22 s)."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "run",
+        "--set",
+        "output.kind=null",
+        "--set",
+        "extra_outputs=[]",
+    ]
+    command += ["--set", "osc.enabled=false", "--set", f"engine.cache_dir={tmp_path / 'models'}"]
+    command += ["--set", "engine.width=64", "--set", "engine.height=64"]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "loading model" in line:
+                break
+        else:
+            pytest.fail(f"the bridge never said it was loading the model: {''.join(lines)}")
+        threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True).start()
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    if "stopped while the model was loading" not in text:
+        pytest.skip(f"the model loaded before the signal arrived; nothing to stop here: {text[-500:]}")
+    assert code == 0 and "stopped after 0 frames" in text
+    assert took < 5.0, f"took {took:.1f} s after SIGINT (the contract is 2 s)"

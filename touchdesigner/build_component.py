@@ -51,7 +51,10 @@ TRANSPORTS = {
     "darwin": [("syphon", "Syphon"), ("ndi", "NDI"), ("shm", "Shared memory")],
     "linux": [("ndi", "NDI"), ("shm", "Shared memory")],
 }
-STATUS_KEYS = ("state", "mode", "fps", "latency_ms", "engine_ms", "skip_rate", "dropped", "frames", "error")
+STATUS_KEYS = (
+    "state", "mode", "fps", "latency_ms", "engine_ms", "skip_rate", "dropped", "frames", "error",
+    "latency_age_s", "dropped_at", "control_error",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -18,61 +18,20 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from bridge.config import MidiMapping, mapping_fields
+from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_range, mapping_yaml
 from bridge.params import BY_NAME, LIVE, Kind, Param, ParamError, coerce
 from bridge.transports.base import import_vendor
 
 log = logging.getLogger(__name__)
 
-CURVES = ("linear", "exp", "log")
-TAKEOVERS = ("soft", "jump")
-MODES = ("toggle", "momentary")
+__all__ = ["MidiInput", "MidiMapper", "MidiMapping", "check_mapping", "learn", "listen", "mapping_yaml"]
+
 PICKUP_TOLERANCE = 0.02  # of the range: a fader this close to the value has reached it
 
 
 class MidiMessage(Protocol):
     type: str
     channel: int
-
-
-def check_mapping(m: MidiMapping, key: str) -> None:
-    """Raise ValueError naming `key` when the mapping cannot work."""
-    param = LIVE.get(m.param)
-    if param is None:
-        valid = ", ".join(p.name for p in LIVE.values() if p.numeric or p.kind is Kind.BOOL)
-        raise ValueError(
-            f"{key}.param {m.param!r} is not a live numeric or on/off parameter (valid: {valid})"
-        )
-    if (m.cc < 0) == (m.note < 0):
-        raise ValueError(f"{key} needs exactly one of cc or note (0..127)")
-    for field_name, number in (("cc", m.cc), ("note", m.note)):
-        if number > 127:
-            raise ValueError(f"{key}.{field_name} must be within 0..127, got {number}")
-    if not 0 <= m.channel <= 16:
-        raise ValueError(f"{key}.channel must be 1..16, or 0 for any, got {m.channel}")
-    if m.curve not in CURVES:
-        raise ValueError(f"{key}.curve must be one of {', '.join(CURVES)}, got {m.curve!r}")
-    if m.takeover not in TAKEOVERS:
-        raise ValueError(f"{key}.takeover must be one of {', '.join(TAKEOVERS)}, got {m.takeover!r}")
-    if m.mode not in MODES:
-        raise ValueError(f"{key}.mode must be one of {', '.join(MODES)}, got {m.mode!r}")
-    if param.kind is Kind.BOOL:
-        return
-    if not param.numeric:
-        raise ValueError(f"{key}.param {m.param!r} is a {param.kind.value}; MIDI drives numbers and on/off")
-    if m.note >= 0:
-        raise ValueError(f"{key}: a note cannot sweep {m.param!r}; map a fader or knob (cc) to it")
-    lo, hi = _range(m, param)
-    if not lo < hi:
-        raise ValueError(f"{key}: min must be below max, got {lo:g}..{hi:g}")
-
-
-def _range(m: MidiMapping, param: Param) -> tuple[float, float]:
-    lo = m.min if m.min is not None else param.minimum
-    hi = m.max if m.max is not None else param.maximum
-    if lo is None or hi is None:
-        raise ValueError(f"{param.name} has no built-in range; give min and max in the mapping")
-    return float(lo), float(hi)
 
 
 def shape(x: float, curve: str) -> float:
@@ -142,7 +101,7 @@ class MidiMapper:
         return None
 
     def _fader(self, i: int, m: MidiMapping, param: Param, x: float) -> tuple[str, Any] | None:
-        lo, hi = _range(m, param)
+        lo, hi = mapping_range(m, param)
         target = lo + shape(x, m.curve) * (hi - lo)
         value = coerce(param, [round(target) if param.kind is Kind.INT else target]).value
         previous_position = self._last_position.get(i)
@@ -185,11 +144,6 @@ def learn(messages: Iterable[Any], param_name: str, *, timeout_hint: str = "") -
                 continue
             return MidiMapping(param=param_name, note=int(msg.note), channel=channel)
     raise TimeoutError(f"no control moved{timeout_hint}")
-
-
-def mapping_yaml(m: MidiMapping) -> str:
-    """One `midi.mappings` entry as a YAML flow mapping, defaults left out."""
-    return "{" + ", ".join(f"{key}: {value}" for key, value in mapping_fields(m).items()) + "}"
 
 
 # ------------------------------------------------------------------------------ real ports

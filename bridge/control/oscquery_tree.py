@@ -11,24 +11,20 @@ under /sd/status.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from bridge.control.osc import OscControl, encode
+from bridge.control.status import Status
 from bridge.params import LIVE, Kind, Param
 
 READ, WRITE = 1, 2
 NORM_ROOT = "/sd/norm"
+# one read-only node per Status field, typed from the field: the tree cannot drift from status
 STATUS_TYPES = {
-    "state": "s",
-    "mode": "s",
-    "fps": "f",
-    "latency_ms": "f",
-    "engine_ms": "f",
-    "skip_rate": "f",
-    "dropped": "i",
-    "frames": "i",
-    "error": "s",
+    field.name: {"str": "s", "float": "f", "int": "i"}[str(field.type)]
+    for field in dataclasses.fields(Status)
 }
 # the attributes a `?QUERY` may ask for (the proposal's list); anything else is a 400
 ATTRIBUTES = frozenset(

@@ -7,15 +7,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bridge.transports.base import Sink, SinkContext, Source
+from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS, VENDOR_KINDS
 
 if TYPE_CHECKING:
     from bridge.config import SinkConfig, SourceConfig
 
-SOURCE_KINDS = ("synthetic", "image", "video", "camera", "shm", "spout", "syphon", "ndi")
-SINK_KINDS = ("shm", "preview", "null", "spout", "syphon", "ndi", "virtualcam")
-
-
-VENDOR_KINDS = ("video", "camera", "spout", "syphon", "ndi", "virtualcam")  # need an optional library
+__all__ = ["SINK_KINDS", "SOURCE_KINDS", "VENDOR_KINDS", "availability", "open_sink", "open_source"]
 
 
 def _load_vendor(kind: str) -> None:

@@ -322,16 +322,3 @@ def format_table(report: dict[str, Any]) -> str:
             f"= {ov['overhead_ms']} ms"
         )
     return "\n".join(lines)
-
-
-def main() -> None:
-    """`python -m bridge.bench` is `sdbridge bench`."""
-    import sys
-
-    from bridge.cli import main as cli_main
-
-    raise SystemExit(cli_main(["bench", "--json", *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    main()
