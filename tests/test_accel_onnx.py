@@ -11,6 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -27,9 +29,6 @@ from bridge.engine.onnx_export import (
     vae_encoder_spec,
 )
 from tests.conftest import pattern, spy_unet
-
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
 
 SIZE = 64  # latent 8x8: the tiny models at their cheapest
 FAMILIES = ["tiny_pipe", "tiny_sd21_pipe", "tiny_sdxl_pipe"]

@@ -29,9 +29,6 @@ from bridge.engine.tensorrt_backend import (
 )
 from tests.fake_tensorrt import make_fake_tensorrt
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
-
 SIZE = 64
 GPU = DeviceInfo("NVIDIA H200", (9, 0))
 STREAM = 0xC0FFEE  # the handle the fake sees: torch's current stream on a GPU
