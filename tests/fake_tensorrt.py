@@ -123,14 +123,19 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             return self.outputs[i]
 
     class ParserError:
-        def __init__(self, desc: str) -> None:
-            self._desc = desc
+        # str() as pyOnnx.cpp parserErrorStr: "(func): CODE: desc", node info in front unless
+        # the model itself could not be read.
+        def __init__(self, code: str, func: str, desc: str, node: int = -1) -> None:
+            self._code, self._func, self._desc, self._node = code, func, desc, node
 
         def desc(self) -> str:
             return self._desc
 
         def __str__(self) -> str:
-            return f"In node -1 (parse): {self._desc}"
+            info = f"({self._func}): {self._code}: {self._desc}"
+            if self._code == "MODEL_DESERIALIZE_FAILED":
+                return info
+            return f"In node {self._node} with name:  and operator:  {info}"
 
     class OnnxParser:
         def __init__(self, network: NetworkDefinition, logger: ILogger) -> None:
@@ -151,15 +156,27 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
 
             try:
                 proto = onnx.load(model, load_external_data=False)
-            except Exception as exc:
-                self.errors.append(ParserError(f"Failed to parse ONNX model from file: {model}: {exc}"))
+            except Exception:
+                self.errors.append(
+                    ParserError(
+                        "MODEL_DESERIALIZE_FAILED",
+                        "parseFromFile",
+                        f"Failed to parse ONNX model from file: {model}",
+                    )
+                )
                 return False
             for t in proto.graph.initializer:
                 if (
                     uses_external_data(t)
                     and not (Path(model).parent / ExternalDataInfo(t).location).is_file()
                 ):
-                    self.errors.append(ParserError(f"Failed to open file: {ExternalDataInfo(t).location}"))
+                    self.errors.append(
+                        ParserError(
+                            "INVALID_VALUE",
+                            "importInitializer",
+                            f"Failed to open file: {ExternalDataInfo(t).location}",
+                        )
+                    )
                     return False
             types_ = {onnx.TensorProto.FLOAT: DataType.FLOAT, onnx.TensorProto.FLOAT16: DataType.HALF}
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from bridge.engine import tensorrt_backend
 from bridge.engine.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
 from bridge.engine.onnx_export import Component, unet_spec, vae_decoder_spec, vae_encoder_spec
 from bridge.engine.tensorrt_backend import (
@@ -198,6 +199,22 @@ def test_wrong_or_nan_output_or_an_unloadable_plan_falls_back(tiny_pipe: Any, tm
     plan.write_bytes(b"\x00garbage")  # a truncated or foreign plan on disk
     reason = _prepare(tiny_pipe, [spec], tmp_path, make_fake_tensorrt()).fallbacks[Component.VAE_DECODER]
     assert "TensorRT could not load the vae_decoder engine: IRuntime::deserializeCudaEngine" in reason
+
+
+def test_an_unparsable_onnx_falls_back_with_the_parser_error(
+    tiny_pipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def truncated_export(pipe: Any, spec: Any, path: Path, **kwargs: Any) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x08\x07truncated")
+        return path
+
+    monkeypatch.setattr(tensorrt_backend, "export_onnx", truncated_export)
+    fake = make_fake_tensorrt()
+    reason = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).fallbacks[Component.VAE_DECODER]
+    assert "BuildFailed: TensorRT could not parse" in reason
+    assert "(parseFromFile): MODEL_DESERIALIZE_FAILED: Failed to parse ONNX model" in reason
+    assert "build_serialized_network" not in _names(fake)
 
 
 def test_missing_tensorrt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
