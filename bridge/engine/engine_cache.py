@@ -1,0 +1,220 @@
+"""The on-disk cache of built engines (TensorRT plans) under the model cache.
+
+An engine is only valid for the exact weights, shapes, builder and GPU it was built for, so its
+key holds all of them: model and weights digest, component and module config, exporter (torch
+version and opset), profiles (row counts) and latent size, backend name and version, GPU name
+and compute capability, and the builder settings. The original StreamDiffusion keyed engines
+without the resolution, a known source of its users' bugs.
+
+Layout, one folder per key under `<model cache>/engines/`:
+    <component>-<digest>/engine.plan   the serialized engine, written atomically
+    <component>-<digest>/key.json      the key's fields, for people
+    <component>-<digest>/failed.json   a failed build: not retried until deleted (negative cache)
+    <component>-<digest>/.lock         held while building or loading, across processes
+    timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bridge.engine.onnx_export import ExportSpec
+
+KEY_FORMAT = 1  # bump when the key's fields change meaning
+
+
+class CacheLockTimeout(RuntimeError):
+    """Another process holds the engine's lock for longer than we may wait."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The GPU an engine is built for: plans do not move between compute capabilities."""
+
+    name: str
+    capability: tuple[int, int]
+
+    @classmethod
+    def current(cls) -> DeviceInfo:
+        """The current CUDA device (raises RuntimeError where there is none)."""
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return cls(torch.cuda.get_device_name(index), (major, minor))
+
+
+@dataclass(frozen=True)
+class BuilderSettings:
+    """Everything about a build besides its inputs; part of the key."""
+
+    optimization_level: int = 3  # TensorRT's default; 0..5
+    workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
+    strongly_typed: bool = True  # always: TensorRT 11 has no weak typing and no FP16 flag
+    opset: int = 17
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), after any LoRA fuse:
+    two models with one config but different weights must not share an engine."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What an engine depends on. `digest()` names its cache folder."""
+
+    model: str
+    weights: str  # weights_digest of the component's module
+    spec: ExportSpec
+    backend: str
+    backend_version: str
+    device: DeviceInfo
+    settings: BuilderSettings
+
+    def fields(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "format": KEY_FORMAT,
+            "model": self.model,
+            "weights": self.weights,
+            "component": spec.component.value,
+            "module_config": json.dumps(spec.config, sort_keys=True, default=str),
+            "inputs": [[t.name, list(t.shape), str(t.dtype), list(t.route)] for t in spec.inputs],
+            "outputs": [[t.name, list(t.shape), str(t.dtype)] for t in spec.outputs],
+            "profiles": list(spec.rows),
+            "latent_hw": list(spec.latent_hw),
+            "exporter": f"torch {torch.__version__} torchscript",
+            "backend": self.backend,
+            "backend_version": self.backend_version,
+            "gpu": self.device.name,
+            "compute_capability": list(self.device.capability),
+            "settings": asdict(self.settings),
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EngineCache:
+    """Plans, negative entries and timing caches under `root` (`<model cache>/engines`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def folder(self, key: EngineKey) -> Path:
+        return self.root / f"{key.spec.component.value}-{key.digest()}"
+
+    def plan_path(self, key: EngineKey) -> Path:
+        return self.folder(key) / "engine.plan"
+
+    def failure_path(self, key: EngineKey) -> Path:
+        return self.folder(key) / "failed.json"
+
+    def onnx_path(self, key: EngineKey) -> Path:
+        return self.folder(key) / "onnx" / "model.onnx"
+
+    def timing_cache_path(self, key: EngineKey) -> Path:
+        device = f"{_slug(key.device.name)}-sm{key.device.capability[0]}{key.device.capability[1]}"
+        return self.root / f"timing-{key.backend}-{_slug(key.backend_version)}-{device}.cache"
+
+    def read_plan(self, key: EngineKey) -> bytes | None:
+        path = self.plan_path(key)
+        return path.read_bytes() if path.is_file() else None
+
+    def write_plan(self, key: EngineKey, plan: bytes) -> Path:
+        folder = self.folder(key)
+        write_atomic(folder / "key.json", json.dumps(key.fields(), indent=1, sort_keys=True).encode())
+        write_atomic(self.plan_path(key), plan)
+        return self.plan_path(key)
+
+    def drop_plan(self, key: EngineKey) -> None:
+        self.plan_path(key).unlink(missing_ok=True)
+
+    def failure(self, key: EngineKey) -> str | None:
+        """The reason an earlier build of this key failed, or None."""
+        path = self.failure_path(key)
+        if not path.is_file():
+            return None
+        try:
+            return str(json.loads(path.read_text(encoding="utf-8"))["reason"])
+        except (ValueError, KeyError, TypeError):
+            return f"unreadable failure record {str(path)!r}"
+
+    def record_failure(self, key: EngineKey, reason: str) -> None:
+        record = {"reason": reason, "time": time.time(), "key": key.fields()}
+        write_atomic(self.failure_path(key), json.dumps(record, indent=1).encode())
+
+    def read_timing_cache(self, key: EngineKey) -> bytes:
+        path = self.timing_cache_path(key)
+        return path.read_bytes() if path.is_file() else b""
+
+    def write_timing_cache(self, key: EngineKey, data: bytes) -> None:
+        if data:
+            write_atomic(self.timing_cache_path(key), data)
+
+    @contextmanager
+    def lock(
+        self, key: EngineKey, *, timeout_s: float, cancel: threading.Event | None = None
+    ) -> Iterator[None]:
+        """Hold the key's lock across processes, polling so a stop request is seen within a second."""
+        from filelock import FileLock, Timeout
+
+        folder = self.folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".lock"))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                break
+            except Timeout:
+                if cancel is not None and cancel.is_set():
+                    raise CacheLockTimeout(f"stopped while waiting for the lock {str(folder)!r}") from None
+                if time.monotonic() >= deadline:
+                    raise CacheLockTimeout(
+                        f"another process has held the engine lock {str(folder / '.lock')!r} for more "
+                        f"than {timeout_s:.0f} s (a build in progress?); wait for it, or stop it and retry"
+                    ) from None
+        try:
+            yield
+        finally:
+            lock.release()

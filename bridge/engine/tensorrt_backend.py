@@ -1,0 +1,616 @@
+"""`acceleration: tensorrt`: engines built from the fp16 ONNX, cached, validated, run on static buffers.
+
+A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one (`load`) into a
+`Runner`, which is bound once per layout to static tensors (`bind`) and then run once per frame
+(`run`). Two backends implement it:
+- `TensorRTBackend`, the TensorRT Python API (10.x and 11.x): a strongly typed network parsed from
+  the ONNX, one static optimization profile per reachable row count, the persisted timing cache,
+  progress through `trt.IProgressMonitor` (returning False from `step_complete` cancels the
+  build), and at run time `set_tensor_address` on the static buffers and `execute_async_v3` on
+  torch's current stream, so a captured frame graph can hold the call;
+- `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
+  profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
+
+`prepare_engines` ties export, cache, build, load and validation together. Every failure of a
+component, whatever raised it, becomes a reason: logged as a warning, returned to the caller for
+status and `doctor`, and the component stays on the exact torch path. Only a stop request
+(`BuildCancelled`) propagates. The TensorRT engines themselves were never run in this workplace:
+no lent machine has TensorRT. Their code follows the documented API, and the tests drive it
+through a recording fake of that API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from bridge.engine.engine_cache import (
+    BuilderSettings,
+    DeviceInfo,
+    EngineCache,
+    EngineKey,
+    weights_digest,
+)
+from bridge.engine.onnx_export import (
+    BATCH,
+    Component,
+    ExportModule,
+    ExportSpec,
+    component_dtype,
+    export_onnx,
+    sample_inputs,
+)
+
+log = logging.getLogger(__name__)
+
+TENSORRT_EXTRA = 'pip install "streamdiffusion-bridge[tensorrt]"'
+MIN_COSINE = 0.999
+
+
+class BuildFailed(RuntimeError):
+    """The engine could not be built (recorded in the negative cache)."""
+
+
+class BuildCancelled(RuntimeError):
+    """A stop request ended the build; nothing is recorded, the next start builds again."""
+
+
+class LoadFailed(RuntimeError):
+    """A serialized engine could not be loaded or bound."""
+
+
+class ValidationFailed(RuntimeError):
+    """The engine's output differs from torch's on fixed inputs."""
+
+
+def import_tensorrt() -> Any:
+    """The `tensorrt` module, or an ImportError naming the extra to install."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ImportError(
+            f"acceleration 'tensorrt' needs NVIDIA TensorRT 10 or 11: {TENSORRT_EXTRA} "
+            f"(Linux or Windows with an NVIDIA GPU); or use acceleration 'compile' ({exc})"
+        ) from exc
+    return tensorrt
+
+
+# ---------------------------------------------------------------------------------- progress
+class BuildProgress:
+    """Progress of a build's phases as tqdm bars (on a terminal) and log lines, and its cancellation.
+
+    TensorRT calls these from several threads (IProgressMonitor must be thread-safe), so a lock
+    guards the bars. `step_complete` returns False once `cancel` is set: TensorRT then ends the
+    build, and `build_serialized_network` returns None.
+    """
+
+    def __init__(self, title: str, *, cancel: threading.Event | None = None, bars: bool = True) -> None:
+        self.title = title
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.cancelled = False  # whether a step was refused
+        self.phases: list[tuple[str, int]] = []  # (phase, steps) in start order, for tests and logs
+        self._bars: dict[str, Any] = {}
+        self._use_bars = bars
+        self._lock = threading.Lock()
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            self.phases.append((phase_name, num_steps))
+            log.info("%s: %s (%d steps)", self.title, phase_name, num_steps)
+            if self._use_bars:
+                from tqdm import tqdm
+
+                depth = 0 if parent_phase is None else 1 + len(self._bars)
+                self._bars[phase_name] = tqdm(
+                    total=num_steps, desc=f"{self.title}: {phase_name}", position=depth, leave=depth == 0
+                )
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        with self._lock:
+            bar = self._bars.get(phase_name)
+            if bar is not None:
+                bar.n = step + 1
+                bar.refresh()
+            if self.cancel.is_set():
+                self.cancelled = True
+                return False
+            return True
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            bar = self._bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+
+def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
+    """A `trt.IProgressMonitor` forwarding to `progress`. A KeyboardInterrupt raised inside a
+    callback cancels the build (the binding would print it and return False anyway)."""
+
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                progress.phase_start(phase_name, parent_phase, num_steps)
+            except KeyboardInterrupt:
+                progress.cancel.set()
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                return progress.step_complete(phase_name, step)
+            except KeyboardInterrupt:
+                progress.cancel.set()
+                progress.cancelled = True
+                return False
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                progress.phase_finish(phase_name)
+            except KeyboardInterrupt:
+                progress.cancel.set()
+
+    return Monitor()
+
+
+# ---------------------------------------------------------------------------------- seam
+class Runner(Protocol):
+    """A loaded engine. `bind(rows, inputs, outputs)` once per layout, from the engine's thread,
+    with static tensors in `spec.inputs` / `spec.outputs` order that stay alive and in place;
+    then `run(rows)` once per frame. No allocation, no sync, no rebinding in `run`."""
+
+    def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None: ...
+
+    def run(self, rows: int) -> None: ...
+
+
+class Backend(Protocol):
+    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes)."""
+
+    name: str
+    version: str
+
+    def build(
+        self,
+        onnx_path: Path,
+        spec: ExportSpec,
+        *,
+        settings: BuilderSettings,
+        timing_cache: bytes,
+        progress: BuildProgress,
+    ) -> tuple[bytes, bytes]: ...
+
+    def load(self, plan: bytes, spec: ExportSpec) -> Runner: ...
+
+
+def _check_binding(spec: ExportSpec, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
+    """Static buffers must match the spec exactly: TensorRT reads raw addresses."""
+    for kind, specs, tensors in (("input", spec.inputs, inputs), ("output", spec.outputs, outputs)):
+        if len(tensors) != len(specs):
+            raise LoadFailed(
+                f"{spec.component.value}: {len(tensors)} {kind}s bound, expected {[s.name for s in specs]}"
+            )
+        for tspec, tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != tspec.concrete(rows) or not tensor.is_contiguous():
+                raise LoadFailed(
+                    f"{spec.component.value}: {kind} {tspec.name!r} is {tuple(tensor.shape)} "
+                    f"(contiguous={tensor.is_contiguous()}), expected contiguous {tspec.concrete(rows)}"
+                )
+
+
+def _profile_index(spec: ExportSpec, rows: int) -> int:
+    if rows not in spec.rows:
+        raise LoadFailed(
+            f"{spec.component.value}: no optimization profile for {rows} rows; the engine has {list(spec.rows)}"
+        )
+    return spec.rows.index(rows)
+
+
+# ---------------------------------------------------------------------------------- TensorRT
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+    }
+    if dtype not in table:
+        raise LoadFailed(f"engine tensor type {dtype} is not float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def _recording_logger(trt: Any, title: str) -> Any:
+    """A `trt.ILogger` that forwards to logging and keeps the errors, for the fallback's reason."""
+
+    class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+                log.error("TensorRT (%s): %s", title, msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT (%s): %s", title, msg)
+            else:
+                log.debug("TensorRT (%s): %s", title, msg)
+
+    return Logger()
+
+
+def _errors(logger: Any) -> str:
+    return "; ".join(logger.errors[-3:])[:400] or "TensorRT logged no error"
+
+
+def _cuda_stream() -> int:
+    return int(torch.cuda.current_stream().cuda_stream)
+
+
+class TensorRTBackend:
+    """The TensorRT Python API. `trt` is the imported module (the tests pass a fake);
+    `stream` gives the CUDA stream handle to enqueue on (torch's current stream)."""
+
+    name = "tensorrt"
+
+    def __init__(self, trt: Any | None = None, *, stream: Callable[[], int] = _cuda_stream) -> None:
+        self.trt = trt if trt is not None else import_tensorrt()
+        self.version = str(self.trt.__version__)
+        self.stream = stream
+
+    def build(
+        self,
+        onnx_path: Path,
+        spec: ExportSpec,
+        *,
+        settings: BuilderSettings,
+        timing_cache: bytes,
+        progress: BuildProgress,
+    ) -> tuple[bytes, bytes]:
+        trt, title = self.trt, spec.component.value
+        logger = _recording_logger(trt, title)
+        builder = trt.Builder(logger)
+        # 1. A strongly typed network: the ONNX's fp16/fp32 types are the engine's. TensorRT 11
+        # removed BuilderFlag.FP16 and weak typing; in 11 this flag is accepted and ignored.
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        # parse_from_file, not parse(bytes): it finds the external weights beside the model.
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BuildFailed(f"TensorRT could not parse {str(onnx_path)!r}: {errors[:400]}")
+        names = [network.get_input(i).name for i in range(network.num_inputs)]
+        if names != [t.name for t in spec.inputs]:
+            raise BuildFailed(f"the ONNX inputs are {names}, expected {[t.name for t in spec.inputs]}")
+        # 2. The config: one static profile per reachable row count (best tactics, shared weights).
+        config = builder.create_builder_config()
+        config.builder_optimization_level = settings.optimization_level
+        if settings.workspace_bytes is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+        for rows in spec.rows:
+            profile = builder.create_optimization_profile()
+            for tspec in spec.inputs:
+                if BATCH in tspec.shape:
+                    shape = tspec.concrete(rows)
+                    profile.set_shape(tspec.name, shape, shape, shape)
+            if config.add_optimization_profile(profile) < 0:
+                raise BuildFailed(f"TensorRT refused the optimization profile for {rows} rows")
+        # 3. The timing cache from earlier builds; one from another TensorRT or GPU is dropped.
+        cache = config.create_timing_cache(timing_cache)
+        if not config.set_timing_cache(cache, False):
+            log.warning(
+                "%s: the stored timing cache does not fit this TensorRT/GPU; starting a new one", title
+            )
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
+        monitor = _progress_monitor(trt, progress)
+        config.progress_monitor = monitor
+        # 4. Build (minutes on a full-size UNet). None means failed or cancelled.
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            if progress.cancelled:
+                raise BuildCancelled(f"the {title} engine build was stopped")
+            raise BuildFailed(f"TensorRT could not build the {title} engine: {_errors(logger)}")
+        timing = config.get_timing_cache()
+        timing_bytes = bytes(memoryview(timing.serialize())) if timing is not None else b""
+        return bytes(memoryview(plan)), timing_bytes
+
+    def load(self, plan: bytes, spec: ExportSpec) -> TensorRTRunner:
+        trt, title = self.trt, spec.component.value
+        logger = _recording_logger(trt, title)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise LoadFailed(f"TensorRT could not load the {title} engine: {_errors(logger)}")
+        io = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        expected = {t.name for t in (*spec.inputs, *spec.outputs)}
+        if io != expected:
+            raise LoadFailed(f"the {title} engine has tensors {sorted(io)}, expected {sorted(expected)}")
+        if engine.num_optimization_profiles != len(spec.rows):
+            raise LoadFailed(
+                f"the {title} engine has {engine.num_optimization_profiles} profiles, expected {len(spec.rows)}"
+            )
+        return TensorRTRunner(trt, engine, spec, logger, self.stream)
+
+
+class TensorRTRunner:
+    """One execution context per profile, each bound once to its layout's static buffers."""
+
+    def __init__(
+        self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, stream: Callable[[], int]
+    ) -> None:
+        self.trt, self.engine, self.spec = trt, engine, spec
+        self._logger = logger  # must outlive the engine (TensorRT's rule)
+        self._stream = stream
+        self._contexts: dict[int, Any] = {}
+        self._bound: dict[int, tuple[Tensor, ...]] = {}  # keeps the buffers alive while bound
+
+    def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
+        title = self.spec.component.value
+        index = _profile_index(self.spec, rows)
+        _check_binding(self.spec, rows, inputs, outputs)
+        context = self._contexts.get(rows)
+        if context is None:
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise LoadFailed(f"TensorRT could not create a {title} context: {_errors(self._logger)}")
+            context.set_optimization_profile_async(index, self._stream())
+        for tspec, tensor in zip(self.spec.inputs, inputs, strict=True):
+            self._check_dtype(tspec.name, tensor)
+            if not context.set_input_shape(tspec.name, tspec.concrete(rows)):
+                raise LoadFailed(f"{title}: TensorRT refused shape {tspec.concrete(rows)} for {tspec.name!r}")
+        for tspec, tensor in zip((*self.spec.inputs, *self.spec.outputs), (*inputs, *outputs), strict=True):
+            self._check_dtype(tspec.name, tensor)
+            if not context.set_tensor_address(tspec.name, tensor.data_ptr()):
+                raise LoadFailed(f"{title}: TensorRT refused the address of {tspec.name!r}")
+        self._contexts[rows] = context
+        self._bound[rows] = (*inputs, *outputs)
+
+    def _check_dtype(self, name: str, tensor: Tensor) -> None:
+        want = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+        if tensor.dtype != want:
+            raise LoadFailed(
+                f"{self.spec.component.value}: {name!r} is {tensor.dtype}, the engine wants {want}"
+            )
+
+    def run(self, rows: int) -> None:
+        context = self._contexts.get(rows)
+        if context is None:
+            raise LoadFailed(f"{self.spec.component.value}: run({rows}) before bind({rows}, ...)")
+        if not context.execute_async_v3(self._stream()):
+            raise RuntimeError(
+                f"TensorRT failed to run the {self.spec.component.value} engine: {_errors(self._logger)}"
+            )
+
+
+# ---------------------------------------------------------------------------------- onnxruntime
+_ORT_MAGIC = b"SDBRIDGE-ORT-PLAN/1\n"
+
+
+class OnnxRuntimeBackend:
+    """onnxruntime on the CPU, run the way TensorRT is: I/O bound by address, static profiles.
+
+    Its "plan" is a header naming the profiles, then the ONNX model (models under 2 GB)."""
+
+    name = "onnxruntime"
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        self.version = str(onnxruntime.__version__)
+
+    def build(
+        self,
+        onnx_path: Path,
+        spec: ExportSpec,
+        *,
+        settings: BuilderSettings,
+        timing_cache: bytes,
+        progress: BuildProgress,
+    ) -> tuple[bytes, bytes]:
+        import onnx
+
+        progress.phase_start("checking the ONNX model", None, len(spec.rows))
+        try:
+            model = onnx.load(str(onnx_path))
+            onnx.checker.check_model(model)
+            for step in range(len(spec.rows)):
+                if not progress.step_complete("checking the ONNX model", step):
+                    raise BuildCancelled(f"the {spec.component.value} build was stopped")
+        finally:
+            progress.phase_finish("checking the ONNX model")
+        header = json.dumps({"rows": list(spec.rows)}).encode() + b"\n"
+        return _ORT_MAGIC + header + model.SerializeToString(), timing_cache
+
+    def load(self, plan: bytes, spec: ExportSpec) -> OnnxRuntimeRunner:
+        import onnxruntime
+
+        if not plan.startswith(_ORT_MAGIC):
+            raise LoadFailed(f"the {spec.component.value} plan is not an onnxruntime plan")
+        header, _, model = plan[len(_ORT_MAGIC) :].partition(b"\n")
+        rows = tuple(json.loads(header)["rows"])
+        if rows != spec.rows:
+            raise LoadFailed(
+                f"the {spec.component.value} plan has profiles {list(rows)}, expected {list(spec.rows)}"
+            )
+        session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+        return OnnxRuntimeRunner(session, spec)
+
+
+class OnnxRuntimeRunner:
+    """An I/O binding per profile, each on the static buffers' addresses."""
+
+    def __init__(self, session: Any, spec: ExportSpec) -> None:
+        self.session, self.spec = session, spec
+        self._bindings: dict[int, Any] = {}
+        self._bound: dict[int, tuple[Tensor, ...]] = {}
+
+    def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
+        import numpy as np
+
+        _profile_index(self.spec, rows)  # TensorRT refuses a shape outside every profile
+        _check_binding(self.spec, rows, inputs, outputs)
+        binding = self.session.io_binding()
+        for tspec, tensor in zip((*self.spec.inputs, *self.spec.outputs), (*inputs, *outputs), strict=True):
+            if tensor.device.type != "cpu":
+                raise LoadFailed(
+                    f"the onnxruntime backend runs on the CPU; {tspec.name!r} is on {tensor.device}"
+                )
+            dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+            bind = binding.bind_input if tspec in self.spec.inputs else binding.bind_output
+            bind(tspec.name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
+        self._bindings[rows] = binding
+        self._bound[rows] = (*inputs, *outputs)
+
+    def run(self, rows: int) -> None:
+        binding = self._bindings.get(rows)
+        if binding is None:
+            raise LoadFailed(f"{self.spec.component.value}: run({rows}) before bind({rows}, ...)")
+        self.session.run_with_iobinding(binding)
+
+
+# ---------------------------------------------------------------------------------- the path
+@dataclass
+class Prepared:
+    """A component ready to run: bind its static buffers, then run it per frame."""
+
+    spec: ExportSpec
+    runner: Runner
+    plan_path: Path
+    built: bool  # built now (False: loaded from the cache)
+    cosine: dict[int, float]  # validation per row count
+
+
+@dataclass
+class EngineReport:
+    """What `prepare_engines` achieved: ready components, and a reason per fallen-back one."""
+
+    ready: dict[Component, Prepared] = field(default_factory=dict)
+    fallbacks: dict[Component, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.fallbacks
+
+
+def validate(
+    runner: Runner, reference: ExportModule, spec: ExportSpec, *, device: torch.device, dtype: torch.dtype
+) -> dict[int, float]:
+    """Run the engine and torch on fixed inputs at every profile; cosine >= MIN_COSINE, all finite."""
+    scores: dict[int, float] = {}
+    for rows in spec.rows:
+        inputs = sample_inputs(spec, rows, dtype=dtype, device=device, seed=1234 + rows)
+        with torch.no_grad():
+            want = reference(*inputs)
+        got = torch.empty_like(want).contiguous()
+        runner.bind(rows, inputs, [got])
+        runner.run(rows)
+        got_cpu, want_cpu = got.detach().to("cpu", torch.float64), want.detach().to("cpu", torch.float64)
+        if not torch.isfinite(got_cpu).all():
+            raise ValidationFailed(f"{spec.component.value} engine gave NaN or Inf at {rows} rows")
+        cos = float(torch.nn.functional.cosine_similarity(got_cpu.flatten(), want_cpu.flatten(), dim=0))
+        if not cos >= MIN_COSINE:
+            raise ValidationFailed(
+                f"{spec.component.value} engine differs from torch at {rows} rows: cosine {cos:.5f} < {MIN_COSINE}"
+            )
+        scores[rows] = cos
+    return scores
+
+
+def prepare_engines(
+    pipe: Any,
+    specs: Sequence[ExportSpec],
+    *,
+    model: str,
+    cache_root: Path,
+    backend: Backend,
+    device: DeviceInfo,
+    settings: BuilderSettings | None = None,
+    cancel: threading.Event | None = None,
+    lock_timeout_s: float = 3600.0,
+    bars: bool = True,
+) -> EngineReport:
+    """Build or load an engine per spec. A component that fails keeps the exact torch path; its
+    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled."""
+    settings = settings if settings is not None else BuilderSettings()
+    report = EngineReport()
+    cache = EngineCache(cache_root)
+    digests: dict[int, str] = {}
+    for spec in specs:
+        module = pipe.unet if spec.component is Component.UNET else pipe.vae
+        try:
+            if id(module) not in digests:
+                digests[id(module)] = weights_digest(module)
+            key = EngineKey(model, digests[id(module)], spec, backend.name, backend.version, device, settings)
+            report.ready[spec.component] = _prepare_one(
+                pipe, key, cache, backend, cancel=cancel, lock_timeout_s=lock_timeout_s, bars=bars
+            )
+        except BuildCancelled:
+            raise
+        except Exception as exc:  # any failure of an optional backend keeps the show on the exact path
+            reason = f"{spec.component.value}: {type(exc).__name__}: {exc}"[:600]
+            log.warning("%s engine unavailable, running it on the exact torch path: %s", backend.name, reason)
+            report.fallbacks[spec.component] = reason
+    return report
+
+
+def _prepare_one(
+    pipe: Any,
+    key: EngineKey,
+    cache: EngineCache,
+    backend: Backend,
+    *,
+    cancel: threading.Event | None,
+    lock_timeout_s: float,
+    bars: bool,
+) -> Prepared:
+    spec, title = key.spec, key.spec.component.value
+    with cache.lock(key, timeout_s=lock_timeout_s, cancel=cancel):
+        earlier = cache.failure(key)
+        if earlier is not None:
+            raise BuildFailed(
+                f"an earlier build failed ({earlier}); delete {str(cache.failure_path(key))!r} to try again"
+            )
+        plan = cache.read_plan(key)
+        built = plan is None
+        if plan is None:
+            log.info("building the %s %s engine (not in %s)", backend.name, title, cache.folder(key))
+            progress = BuildProgress(f"{backend.name} {title}", cancel=cancel, bars=bars)
+            try:
+                onnx_path = export_onnx(pipe, spec, cache.onnx_path(key), opset=key.settings.opset)
+                plan, timing = backend.build(
+                    onnx_path,
+                    spec,
+                    settings=key.settings,
+                    timing_cache=cache.read_timing_cache(key),
+                    progress=progress,
+                )
+            except BuildCancelled:
+                raise
+            except Exception as exc:
+                cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600])
+                raise
+            cache.write_plan(key, plan)
+            cache.write_timing_cache(key, timing)
+            for leftover in cache.onnx_path(key).parent.iterdir():
+                leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
+        else:
+            log.info("loading the %s %s engine from %s", backend.name, title, cache.plan_path(key))
+        try:
+            runner = backend.load(plan, spec)
+            reference = ExportModule(pipe, spec).eval()
+            module = pipe.unet if spec.component is Component.UNET else pipe.vae
+            device = next(module.parameters()).device
+            cosine = validate(runner, reference, spec, device=device, dtype=component_dtype(pipe, spec))
+        except Exception as exc:
+            # A plan that loads wrong is as bad as a failed build: never retried until deleted.
+            cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600])
+            raise
+    return Prepared(spec, runner, cache.plan_path(key), built, cosine)

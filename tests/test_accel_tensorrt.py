@@ -1,0 +1,307 @@
+"""Everything around the TensorRT builder, on the CPU: cache keys, hits and misses, the negative
+cache, the timing cache, progress and cancellation, binding by address, validation and the
+fallback's reasons. TensorRT is the recording fake in tests/fake_tensorrt.py (its behaviour cites
+TensorRT's own docstrings); the onnxruntime backend runs the same path end to end for real."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bridge.engine import tensorrt_backend
+from bridge.engine.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
+from bridge.engine.onnx_export import Component, unet_spec, vae_decoder_spec, vae_encoder_spec
+from bridge.engine.tensorrt_backend import (
+    BuildCancelled,
+    BuildProgress,
+    LoadFailed,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    _progress_monitor,
+    import_tensorrt,
+    prepare_engines,
+)
+from tests.fake_tensorrt import make_fake_tensorrt
+
+SIZE = 64
+GPU = DeviceInfo("NVIDIA H200", (9, 0))
+STREAM = 0xC0FFEE  # the handle the fake sees: torch's current stream on a GPU
+
+
+def _names(fake: Any) -> list[str]:
+    return [c[0] for c in fake.calls]
+
+
+def _decoder(pipe: Any, rows: tuple[int, ...] = (1, 2)) -> Any:
+    return vae_decoder_spec(pipe.vae, width=SIZE, height=SIZE, rows=rows)
+
+
+def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, **kwargs: Any) -> Any:
+    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    return prepare_engines(
+        pipe, specs, model="tiny", cache_root=root, backend=backend, device=GPU, bars=False, **kwargs
+    )
+
+
+# ------------------------------------------------------------------ cache keys
+def test_every_key_field_changes_the_key(tiny_pipe: Any) -> None:
+    spec = _decoder(tiny_pipe)
+    base = EngineKey("tiny", "w" * 64, spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
+    variants = {
+        "model": dataclasses.replace(base, model="other"),
+        "weights": dataclasses.replace(base, weights="x" * 64),
+        "component": dataclasses.replace(
+            base, spec=vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1, 2))
+        ),
+        "profiles": dataclasses.replace(base, spec=_decoder(tiny_pipe, rows=(1, 2, 3))),
+        "latent size": dataclasses.replace(
+            base, spec=vae_decoder_spec(tiny_pipe.vae, width=SIZE, height=2 * SIZE, rows=(1, 2))
+        ),
+        "module config": dataclasses.replace(
+            base, spec=dataclasses.replace(spec, config={**spec.config, "scaling_factor": 0.5})
+        ),
+        "backend": dataclasses.replace(base, backend="onnxruntime"),
+        "version": dataclasses.replace(base, backend_version="10.13.0"),
+        "gpu name": dataclasses.replace(base, device=DeviceInfo("NVIDIA H100", (9, 0))),
+        "capability": dataclasses.replace(base, device=DeviceInfo("NVIDIA H200", (8, 9))),
+        "opt level": dataclasses.replace(base, settings=BuilderSettings(optimization_level=5)),
+        "workspace": dataclasses.replace(base, settings=BuilderSettings(workspace_bytes=2**30)),
+        "opset": dataclasses.replace(base, settings=BuilderSettings(opset=18)),
+    }
+    digests = {name: key.digest() for name, key in variants.items()}
+    assert base.digest() not in digests.values(), [n for n, d in digests.items() if d == base.digest()]
+    assert len(set(digests.values())) == len(digests)
+    same = EngineKey("tiny", "w" * 64, _decoder(tiny_pipe), "tensorrt", "11.1.0", GPU, BuilderSettings())
+    assert same.digest() == base.digest()
+    cache = EngineCache(Path("/cache"))
+    assert cache.folder(base).name == f"vae_decoder-{base.digest()}"
+    assert "sm90" in cache.timing_cache_path(base).name and "11.1.0" in cache.timing_cache_path(base).name
+
+
+# ------------------------------------------------------------------ build, hit, miss
+def test_build_then_hit_follows_the_documented_api(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    report = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake)
+    assert report.ok, report.fallbacks
+    ready = report.ready[Component.VAE_DECODER]
+    assert ready.built and ready.plan_path.is_file() and (ready.plan_path.parent / "key.json").is_file()
+    assert all(c >= 0.999 for c in ready.cosine.values()) and set(ready.cosine) == {1, 2}
+    calls = fake.calls
+    assert ("create_network", 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) in calls
+    assert [c for c in calls if c[0] == "set_shape"] == [
+        ("set_shape", "latents", (r, 4, 8, 8), (r, 4, 8, 8), (r, 4, 8, 8)) for r in (1, 2)
+    ]  # one static profile per row count
+    order = _names(fake)
+    assert (
+        order.index("parse_from_file")
+        < order.index("set_timing_cache")
+        < order.index("build_serialized_network")
+    )
+    assert not list((ready.plan_path.parent / "onnx").iterdir())  # the ONNX is dropped after the build
+    assert list(tmp_path.glob("timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache"))
+
+    # A second start: a hit, nothing built, the plan deserialized and validated again.
+    again = make_fake_tensorrt()
+    report2 = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, again)
+    assert report2.ok and not report2.ready[Component.VAE_DECODER].built
+    assert "build_serialized_network" not in _names(again) and "parse_from_file" not in _names(again)
+    assert "deserialize_cuda_engine" in _names(again)
+
+    # Another TensorRT version is another key: a miss, built again.
+    other = make_fake_tensorrt(version="10.13.0")
+    assert _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, other).ready[Component.VAE_DECODER].built
+
+
+def test_the_timing_cache_persists_across_builds(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1,))], tmp_path, fake)
+    _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1, 2))], tmp_path, fake)  # a new key, the same layers
+    assert fake.timing_hits[0] == 0 and fake.timing_hits[1] > 0
+
+
+def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    runner = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).ready[Component.VAE_DECODER].runner
+    latents = torch.randn(2, 4, 8, 8)
+    image = torch.empty(2, 3, SIZE, SIZE)
+    fake.calls.clear()
+    runner.bind(2, [latents], [image])
+    assert ("set_tensor_address", "latents", latents.data_ptr()) in fake.calls
+    assert ("set_tensor_address", "image", image.data_ptr()) in fake.calls
+    fake.calls.clear()
+    for _ in range(2):
+        runner.run(2)  # per frame: one enqueue on torch's stream, nothing else
+    assert fake.calls == [("execute_async_v3", STREAM)] * 2
+    with torch.no_grad():
+        want = tiny_pipe.vae.decode(latents, return_dict=False)[0]
+    torch.testing.assert_close(image, want, rtol=1e-4, atol=5e-5)
+    with pytest.raises(LoadFailed, match=r"no optimization profile for 3 rows; the engine has \[1, 2\]"):
+        runner.bind(3, [torch.zeros(3, 4, 8, 8)], [torch.zeros(3, 3, SIZE, SIZE)])
+    with pytest.raises(LoadFailed, match=r"'latents' is torch\.float64, the engine wants torch\.float32"):
+        runner.bind(1, [torch.zeros(1, 4, 8, 8, dtype=torch.float64)], [torch.zeros(1, 3, SIZE, SIZE)])
+
+
+# ------------------------------------------------------------------ failures and the negative cache
+def test_a_failed_build_falls_back_with_its_reason_and_is_not_retried(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = make_fake_tensorrt()
+    fake.fail_build = "Internal Error: out of memory while timing myelin graph"
+    with caplog.at_level(logging.WARNING):
+        report = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake)
+    reason = report.fallbacks[Component.VAE_DECODER]
+    assert not report.ok and Component.VAE_DECODER not in report.ready
+    assert "could not build the vae_decoder engine" in reason and "out of memory while timing" in reason
+    assert "running it on the exact torch path" in caplog.text and "out of memory" in caplog.text
+    failed = list(tmp_path.glob("vae_decoder-*/failed.json"))
+    assert len(failed) == 1
+
+    retry = make_fake_tensorrt()  # would build fine now, but the failure is remembered
+    reason2 = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, retry).fallbacks[Component.VAE_DECODER]
+    assert "an earlier build failed" in reason2 and "out of memory" in reason2
+    assert f"delete {str(failed[0])!r} to try again" in reason2
+    assert "build_serialized_network" not in _names(retry)
+
+    failed[0].unlink()
+    assert _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, retry).ok
+
+
+def test_one_failing_component_leaves_the_others_ready(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    enc = vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))
+    report = _prepare(tiny_pipe, [enc, _decoder(tiny_pipe)], tmp_path, fake)
+    assert report.ok and set(report.ready) == {Component.VAE_ENCODER, Component.VAE_DECODER}
+    fake.fail_build = "Error Code 2: OutOfMemory"  # the encoder is a hit; the decoder (new rows) builds
+    report = _prepare(tiny_pipe, [enc, _decoder(tiny_pipe, rows=(2,))], tmp_path, fake)
+    assert set(report.ready) == {Component.VAE_ENCODER} and set(report.fallbacks) == {Component.VAE_DECODER}
+
+
+def test_wrong_or_nan_output_or_an_unloadable_plan_falls_back(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    fake.corrupt_output = "negate"  # an engine that computes garbage
+    reason = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).fallbacks[Component.VAE_DECODER]
+    assert "differs from torch at 1 rows: cosine -1.00000 < 0.999" in reason
+    fake.corrupt_output = "nan"
+    reason = _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(2,))], tmp_path, fake).fallbacks[
+        Component.VAE_DECODER
+    ]
+    assert "vae_decoder engine gave NaN or Inf at 2 rows" in reason
+
+    spec = _decoder(tiny_pipe, rows=(3,))
+    plan = _prepare(tiny_pipe, [spec], tmp_path, make_fake_tensorrt()).ready[Component.VAE_DECODER].plan_path
+    plan.write_bytes(b"\x00garbage")  # a truncated or foreign plan on disk
+    reason = _prepare(tiny_pipe, [spec], tmp_path, make_fake_tensorrt()).fallbacks[Component.VAE_DECODER]
+    assert "TensorRT could not load the vae_decoder engine: IRuntime::deserializeCudaEngine" in reason
+
+
+def test_an_unparsable_onnx_falls_back_with_the_parser_error(
+    tiny_pipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def truncated_export(pipe: Any, spec: Any, path: Path, **kwargs: Any) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x08\x07truncated")
+        return path
+
+    monkeypatch.setattr(tensorrt_backend, "export_onnx", truncated_export)
+    fake = make_fake_tensorrt()
+    reason = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).fallbacks[Component.VAE_DECODER]
+    assert "BuildFailed: TensorRT could not parse" in reason
+    assert "(parseFromFile): MODEL_DESERIALIZE_FAILED: Failed to parse ONNX model" in reason
+    assert "build_serialized_network" not in _names(fake)
+
+
+def test_missing_tensorrt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "streamdiffusion-bridge\[tensorrt\]".*compile'):
+        import_tensorrt()
+    fake = make_fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    assert TensorRTBackend().version == "11.1.0"
+
+
+# ------------------------------------------------------------------ progress and cancellation
+def test_progress_is_reported_per_phase_as_a_bar(
+    tiny_pipe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = make_fake_tensorrt()
+    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    report = prepare_engines(
+        tiny_pipe, [_decoder(tiny_pipe)], model="tiny", cache_root=tmp_path, backend=backend, device=GPU
+    )
+    assert report.ok
+    err = capsys.readouterr().err
+    assert "tensorrt vae_decoder: Building engine" in err and "tensorrt vae_decoder: Timing layers" in err
+
+
+def test_a_stop_request_cancels_the_build_and_records_nothing(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    cancel = threading.Event()
+    cancel.set()  # SIGINT arrived: the runtime's stop Event
+    with pytest.raises(BuildCancelled, match="vae_decoder engine build was stopped"):
+        _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake, cancel=cancel)
+    steps = [c for c in fake.calls if c[0] == "build_serialized_network"]
+    assert len(steps) == 1 and fake.timing_hits == []  # the build ended at its first step
+    assert not list(tmp_path.glob("*/failed.json")) and not list(tmp_path.glob("*/engine.plan"))
+    assert _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, make_fake_tensorrt()).ok  # next start builds
+
+
+def test_keyboard_interrupt_inside_a_callback_cancels() -> None:
+    fake = make_fake_tensorrt()
+    progress = BuildProgress("tensorrt unet", bars=False)
+    monitor = _progress_monitor(fake, progress)
+    monitor.phase_start("Building engine", None, 3)
+    assert monitor.step_complete("Building engine", 0) is True
+
+    def interrupted(phase: str, step: int) -> bool:
+        raise KeyboardInterrupt
+
+    progress.step_complete = interrupted  # type: ignore[method-assign]
+    assert monitor.step_complete("Building engine", 1) is False
+    assert progress.cancel.is_set() and progress.cancelled
+    assert progress.phases == [("Building engine", 3)]
+
+
+# ------------------------------------------------------------------ end to end on the CPU
+def test_onnxruntime_backend_runs_the_whole_path(tiny_sdxl_pipe: Any, tmp_path: Path) -> None:
+    pipe = tiny_sdxl_pipe
+    specs = [
+        unet_spec(pipe.unet, width=SIZE, height=SIZE, rows=(2, 3)),
+        vae_encoder_spec(pipe.vae, width=SIZE, height=SIZE, rows=(1,)),
+        _decoder(pipe, rows=(1,)),
+    ]
+    backend = OnnxRuntimeBackend()
+    report = prepare_engines(
+        pipe, specs, model="tiny-sdxl", cache_root=tmp_path, backend=backend, device=GPU, bars=False
+    )
+    assert report.ok, report.fallbacks
+    unet = report.ready[Component.UNET].runner
+    gen = torch.Generator().manual_seed(3)
+    sample, emb = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 77, 64, generator=gen)
+    t = torch.tensor([999.0, 500.0, 250.0])
+    pooled = torch.randn(3, 32, generator=gen)
+    ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32).expand(3, 6).contiguous()
+    eps = torch.empty(3, 4, 8, 8)
+    unet.bind(3, [sample, t, emb, pooled, ids], [eps])
+    for k in range(2):  # the static buffers are rewritten in place between runs
+        sample.copy_(torch.randn(3, 4, 8, 8, generator=gen))
+        unet.run(3)
+        with torch.no_grad():
+            want = pipe.unet(
+                sample,
+                t.long(),
+                encoder_hidden_states=emb,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+                return_dict=False,
+            )[0]
+        torch.testing.assert_close(eps, want, rtol=1e-4, atol=5e-5, msg=f"run {k}")
+    with pytest.raises(LoadFailed, match=r"no optimization profile for 4 rows; the engine has \[2, 3\]"):
+        unet.bind(4, [torch.zeros(4, 4, 8, 8)], [torch.zeros(4, 4, 8, 8)])
+    again = prepare_engines(pipe, specs, model="tiny-sdxl", cache_root=tmp_path, backend=backend, device=GPU)
+    assert again.ok and not any(p.built for p in again.ready.values())
