@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from PIL import Image
 
 from bridge.frames import Frame
-from bridge.transports.base import SinkContext
+from bridge.transports.base import SinkContext, TransportUnavailable
 
 log = logging.getLogger(__name__)
 BOUNDARY = "sdbridgeframe"
@@ -53,9 +53,13 @@ class PreviewSink:
         try:
             self._server = ThreadingHTTPServer((host, port), self._handler_class())
         except OSError as exc:
-            raise OSError(
+            # Final, not retried: a port another process holds stays taken, and a bridge that
+            # ran on without its preview would show the other process's page at this address.
+            raise TransportUnavailable(
                 f"the preview cannot listen on http://{host}:{port}/: {exc.strerror or exc}. "
-                "Pick another port with --set extra_outputs.0.port=..."
+                "Is another bridge running? Stop it, or pick another port: "
+                "--set extra_outputs.0.port=... for the default preview (output.port when the "
+                "preview is the main output)"
             ) from exc
         self._server.daemon_threads = True
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
