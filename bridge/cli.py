@@ -174,11 +174,13 @@ def served(bridge: Any) -> str:
     parts = [f"Outputs: {', '.join(outputs) or 'none'}"]
     if retrying:
         parts.append(f"not open yet (retrying): {', '.join(retrying)}")
-    if bridge.osc is not None:
-        host, port = bridge.osc.address[:2]
+    controls = getattr(bridge, "controls", bridge)  # where the runtime keeps its OSC servers
+    osc, oscquery = getattr(controls, "osc", None), getattr(controls, "oscquery", None)
+    if osc is not None:
+        host, port = osc.address[:2]
         status = ", ".join(bridge.config.osc.status_targets)
         parts.append(f"OSC {host}:{port}" + (f" (status to {status})" if status else ""))
-    if bridge.oscquery is not None:
+    if oscquery is not None:
         parts.append(f"OSCQuery http://{bridge.config.osc.host}:{bridge.config.osc.oscquery_port}/")
     return "; ".join(parts) + "."
 
