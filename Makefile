@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
 	touch $(STAMP)
 
+# make run ARGS="--set osc.port=7100 --set extra_outputs.0.port=7870": any sdbridge run options.
+ARGS ?=
 run: $(STAMP)
-	$(VENV)/bin/sdbridge run -c configs/default.yaml
+	$(VENV)/bin/sdbridge run -c configs/default.yaml $(ARGS)
 
 test: $(STAMP) lint typecheck pytest
 

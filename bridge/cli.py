@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CACHE = Path.home() / ".cache" / "sdbridge"
 
@@ -114,6 +115,10 @@ def _run(args: argparse.Namespace) -> int:
     from bridge.runtime import Bridge
 
     config = load_config(args.config, args.set)
+    problems = _start_problems(config)
+    if problems:
+        print("sdbridge run: cannot start:", *(f"  - {p}" for p in problems), sep="\n", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -121,41 +126,118 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    outputs = ", ".join(
-        f"preview http://{o.host}:{o.port}/" if o.kind == "preview" else f"{o.kind} {o.name}".strip()
-        for o in config.outputs
-    )
-    osc = f"OSC {config.osc.host}:{config.osc.port}" if config.osc.enabled else "OSC off"
     print(
-        f"sdbridge: model {config.engine.model!r} at {config.engine.width}x{config.engine.height}, "
-        f"input {config.input.kind}, outputs: {outputs}, {osc}. Ctrl+C stops.",
+        f"sdbridge: loading model {config.engine.model!r} at {config.engine.width}x{config.engine.height}, "
+        f"input {config.input.kind}. Ctrl+C stops.",
         flush=True,
     )
     bridge = Bridge(config)
+
+    def announce() -> None:
+        # The banner lists what this process really serves, once it serves it.
+        while not bridge.ready.wait(0.2):
+            if stop.is_set():
+                return
+        print(f"sdbridge: running. {served(bridge)}", flush=True)
+
+    threading.Thread(target=announce, name="banner", daemon=True).start()
     bridge.run(stop)
     print(f"sdbridge: stopped after {bridge.status().frames} frames", flush=True)
     return 0
+
+
+def _start_problems(config: Any) -> list[str]:
+    """What stops `config` from starting that can be found before the model loads: the input
+    and outputs checked without opening them, and the ports it listens on."""
+    from bridge.ports import port_problems
+    from bridge.transports.registry import precheck_sink, precheck_source
+
+    problems = [precheck_source(config.input)]
+    for i, sink in enumerate(config.outputs):
+        problems.append(precheck_sink(sink, "output" if i == 0 else f"extra_outputs.{i - 1}"))
+    return [p for p in problems if p] + port_problems(config)
+
+
+def served(bridge: Any) -> str:
+    """What a started bridge serves, from its open parts (not from its config): each output
+    that is open (the preview by the address it bound), outputs still retrying, OSC and
+    OSCQuery."""
+    outputs, retrying = [], []
+    for runner in bridge.sinks:
+        sink = runner.sink if runner.state == "open" else None
+        if sink is None:
+            retrying.append(runner.label)
+        elif isinstance(getattr(sink, "url", None), str):
+            outputs.append(f"preview {sink.url}")
+        else:
+            name = getattr(sink, "name", "")
+            outputs.append(f"{runner.label} {name}" if isinstance(name, str) and name else runner.label)
+    parts = [f"Outputs: {', '.join(outputs) or 'none'}"]
+    if retrying:
+        parts.append(f"not open yet (retrying): {', '.join(retrying)}")
+    controls = getattr(bridge, "controls", bridge)  # where the runtime keeps its OSC servers
+    osc, oscquery = getattr(controls, "osc", None), getattr(controls, "oscquery", None)
+    if osc is not None:
+        host, port = osc.address[:2]
+        status = ", ".join(bridge.config.osc.status_targets)
+        parts.append(f"OSC {host}:{port}" + (f" (status to {status})" if status else ""))
+    if oscquery is not None:
+        parts.append(f"OSCQuery http://{bridge.config.osc.host}:{bridge.config.osc.oscquery_port}/")
+    return "; ".join(parts) + "."
+
+
+def format_value(value: Any) -> str:
+    """An OSC reply value as a person typed it: a float that is a float32 (OSC's `f`) in its
+    shortest form that reads back as the same float32 (1.2, not 1.2000000476837158)."""
+    if isinstance(value, float):
+        import numpy as np
+
+        single = np.float32(value)
+        if float(single) == value or value != value:
+            return np.format_float_positional(single, unique=True, trim="0")
+        return repr(value)
+    return str(value)
 
 
 def _send(args: argparse.Namespace) -> int:
     import socket
 
     from bridge.control.osc import encode
-    from bridge.control.wire import decode_reply, typed_args
+    from bridge.control.wire import decode_reply, param_for_address, typed_args
 
-    datagram = encode(args.address, typed_args(args.address, args.args))
+    datagrams = [encode(args.address, typed_args(args.address, args.args))]
+    found = param_for_address(args.address)
+    if found is not None and found[0].live and args.wait > 0:
+        # A set has no reply of its own: ask for the value back, which also shows that a
+        # bridge is listening (and what it made of the value: clamped, mapped from /norm).
+        datagrams.append(encode("/sd/get", [found[0].name]))
+    replies = 0
+    failed = False
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(datagram, (args.host, args.port))
+        for datagram in datagrams:
+            sock.sendto(datagram, (args.host, args.port))
+        if args.wait <= 0:
+            return 0
         sock.settimeout(args.wait)
-        failed = False
-        while args.wait > 0:
+        while True:
             try:
                 data, _ = sock.recvfrom(65536)
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                break
+            except ConnectionRefusedError:  # Linux: ICMP port unreachable, nobody listens there
                 break
             address, values = decode_reply(data)
-            print(address, *values)
+            print(address, *(format_value(v) for v in values), flush=True)
+            replies += 1
             failed |= address == "/sd/error"
+    if not replies:
+        print(
+            f"sdbridge send: error: no bridge answered at {args.host}:{args.port} within {args.wait:g} s. "
+            "Is it running (`make run` or `sdbridge run`)? If it listens elsewhere, give --host/--port "
+            "as its osc.host/osc.port; a slow machine may need a longer --wait",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if failed else 0
 
 
@@ -253,7 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("args", nargs="*", help="values; typed from the parameter table")
     send.add_argument("--host", default="127.0.0.1")
     send.add_argument("--port", type=int, default=7000)
-    send.add_argument("--wait", type=float, default=0.3, help="seconds to wait for replies (0: none)")
+    send.add_argument(
+        "--wait",
+        type=float,
+        default=1.0,
+        help="seconds to wait for replies (default 1; 0: send and do not wait, nor check)",
+    )
     send.set_defaults(func=_send)
 
     params = sub.add_parser("params", help="print the parameter table")

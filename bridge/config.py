@@ -7,6 +7,7 @@ coercion OSC uses (`bridge.params.coerce`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -129,21 +130,115 @@ class BridgeConfig:
 
 
 # ---------------------------------------------------------------------- loading
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; a real config is a few KB
+MAX_YAML_ALIASES = 100  # `*name` uses in one document; a real config needs a handful
+MAX_YAML_NODES = 100_000  # nodes once every alias is expanded; a real config has a few hundred
+MAX_SHOWN = 200  # characters of a value quoted in an error message
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to about `MAX_SHOWN` characters, for error messages."""
+    return cut(repr(value))
+
+
+def cut(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing documents whose aliases would expand past a small limit
+    (a 'billion laughs' of a few hundred bytes otherwise builds gigabytes)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise ConfigError(
+                    f"uses more than {MAX_YAML_ALIASES} YAML aliases (*name); "
+                    "write the values out, or use fewer anchors"
+                )
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes in `node` with every alias expanded; `sizes` memoizes shared nodes, so this is
+    linear in the document even when its expansion is exponential."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias counts once (construction refuses it anyway)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    total = min(total, MAX_YAML_NODES + 1)
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML `text` as Python data, safely: no tags beyond the standard ones, at most
+    `MAX_YAML_ALIASES` aliases and `MAX_YAML_NODES` nodes once expanded. Raises ConfigError
+    for those limits and yaml.YAMLError for invalid YAML."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"expands to more than {MAX_YAML_NODES} values through its YAML aliases (*name); "
+                "write the values out, or use fewer anchors"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of the config file at `path`, refused past `MAX_CONFIG_BYTES`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config {p} is larger than {MAX_CONFIG_BYTES // 1024} KB; a config is a few KB of "
+            "settings: check that this is the right file"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {p} is not UTF-8 text (byte {exc.start}): check that this is the right file"
+        ) from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> BridgeConfig:
     """Read `path` (None = the built-in defaults), apply `--set key.path=value` overrides, and
-    validate everything. Raises `ConfigError`."""
+    validate everything. Raises `ConfigError`, whose message starts with where the mistake
+    is: the file, or the `--set` that brought it."""
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
         where = str(path)
+        text = read_config_text(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {where}: {exc.strerror or exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
+            loaded = parse_yaml(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{where} is not valid YAML: {cut(str(exc), 600)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -151,24 +246,43 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 f"{where}: the top level must be a mapping of sections, got {type(loaded).__name__}"
             )
         raw = loaded
-    for item in overrides:
-        _apply_override(raw, item)
     try:
-        config: BridgeConfig = _build(BridgeConfig, raw, "")
+        return _validated(raw, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    _check(config, where)
+        raise ConfigError(f"{_blame(raw, overrides, where)}: {exc}") from None
+
+
+def _validated(raw: dict[str, Any], overrides: Sequence[str]) -> BridgeConfig:
+    """`raw` with `overrides` applied, built and checked (raw itself is left as it was)."""
+    merged = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(merged, item)
+    config: BridgeConfig = _build(BridgeConfig, merged, "")
+    _check(config)
     return config
+
+
+def _blame(raw: dict[str, Any], overrides: Sequence[str], where: str) -> str:
+    """Where a config that failed went wrong: the file (`where`) when it fails alone, else the
+    first `--set` after which it fails. Configs are small: trying each prefix is cheap."""
+    for count in range(len(overrides) + 1):
+        try:
+            _validated(raw, overrides[:count])
+        except ConfigError:
+            return where if count == 0 else f"--set {cut(overrides[count - 1])}"
+    return f"{where} with --set {cut(' '.join(overrides))}"  # only all of them together fail
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        raise ConfigError(f"expects section.key=value, got {shown(item)}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except ConfigError as exc:
+        raise ConfigError(f"the value {exc}") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
@@ -191,10 +305,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _list_slot(node: list[Any], part: str, key: str, nxt: str | None) -> Any:
     if not part.isdigit():
-        raise ConfigError(f"--set {key}: {part!r} indexes a list, so it must be a number")
+        raise ConfigError(f"{shown(part)} indexes a list, so it must be a number")
     index = int(part)
     if index > len(node):
-        raise ConfigError(f"--set {key}: index {index} skips entries (the list has {len(node)})")
+        raise ConfigError(f"index {index} skips entries (the list has {len(node)})")
     if index == len(node):
         node.append({})
     if nxt is not None and not isinstance(node[index], dict):
@@ -212,16 +326,16 @@ def _default_for(parts: list[str]) -> Any:
 
 def _build(cls: type[Any], raw: Any, path: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__} {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key)[:MAX_SHOWN], names, n=1, cutoff=0.5)
             hint = f"; did you mean {(f'{path}.' if path else '') + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {full!r}{hint} (valid: {', '.join(names)})")
+            raise ConfigError(f"unknown key {shown(full)}{hint} (valid: {', '.join(names)})")
         if key == "params":
             kwargs[key] = types.MappingProxyType(_params(value))
         elif key == "kind" and value is None:
@@ -251,24 +365,24 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list | tuple):
             value = [value] if isinstance(value, str) else value
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            raise ConfigError(f"{path} must be a list, got {shown(value)}")
         item = typing.get_args(tp)[0]
         return tuple(_convert(item, v, f"{path}.{i}") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
+            raise ConfigError(f"{path} must be true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
+            raise ConfigError(f"{path} must be an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
+            raise ConfigError(f"{path} must be a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"{path} must be a string, got {value!r}")
+            raise ConfigError(f"{path} must be a string, got {shown(value)}")
         return str(value)
     raise ConfigError(f"{path}: unsupported type {tp!r}")  # a bug in this module, not the user's
 
@@ -288,7 +402,7 @@ def _params(raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"params must be a mapping of live parameters, got {raw!r}")
+        raise ConfigError(f"params must be a mapping of live parameters, got {shown(raw)}")
     values: dict[str, Any] = {}
     for name, value in _flatten(raw).items():
         key = "params." + name.replace("/", ".")
@@ -296,9 +410,9 @@ def _params(raw: Any) -> dict[str, Any]:
             if name in BY_NAME:
                 raise ConfigError(f"{key} is not live; it belongs in the engine section (engine.{name})")
             valid = [n.replace("/", ".") for n in LIVE]
-            close = difflib.get_close_matches(name.replace("/", "."), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(name.replace("/", ".")[:MAX_SHOWN], valid, n=1, cutoff=0.5)
             hint = f"; did you mean 'params.{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key {key!r}{hint} (valid: {', '.join(valid)})")
+            raise ConfigError(f"unknown key {shown(key)}{hint} (valid: {', '.join(valid)})")
         param = LIVE[name]
         if param.kind is Kind.BLEND and isinstance(value, list):
             args = [x for pair in value for x in (pair if isinstance(pair, list | tuple) else [pair])]
@@ -309,19 +423,19 @@ def _params(raw: Any) -> dict[str, Any]:
         try:
             coerced = coerce(param, args)
         except ParamError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            raise ConfigError(f"{key}: {cut(str(exc), 2 * MAX_SHOWN)}") from None
         if coerced.warning:
-            raise ConfigError(f"{key}: {coerced.warning.split(';')[0]}")
+            raise ConfigError(f"{key}: {cut(coerced.warning.split(';')[0], 2 * MAX_SHOWN)}")
         values[name] = coerced.value
     return values
 
 
-def _check(config: BridgeConfig, where: str) -> None:
+def _check(config: BridgeConfig) -> None:
     """Checks that span fields; each names the key and the expected value."""
     e = config.engine
 
     def fail(message: str) -> None:
-        raise ConfigError(f"{where}: {message}")
+        raise ConfigError(message)
 
     for key in ("width", "height"):
         value = getattr(e, key)
@@ -332,9 +446,9 @@ def _check(config: BridgeConfig, where: str) -> None:
     for key in ("cfg_type", "acceleration"):
         choices = BY_NAME[key].choices
         if getattr(e, key) not in choices:
-            fail(f"engine.{key} must be one of {', '.join(choices)}, got {getattr(e, key)!r}")
+            fail(f"engine.{key} must be one of {', '.join(choices)}, got {shown(getattr(e, key))}")
     if e.dtype not in ("auto", "float16", "float32", "bfloat16"):
-        fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {e.dtype!r}")
+        fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {shown(e.dtype)}")
     if e.frame_buffer_size != 1:
         # The live bridge hands the engine each input frame as it comes and sends each output
         # at once; f > 1 would hold every frame back until f-1 later ones arrived.
@@ -349,7 +463,7 @@ def _check(config: BridgeConfig, where: str) -> None:
         key = "output" if i == 0 else f"extra_outputs.{i - 1}"
         _check_kind(f"{key}.kind", sink.kind, SINK_KINDS, fail)
         if sink.format not in ("rgba", "bgra", "rgb", "bgr"):
-            fail(f"{key}.format must be rgba, bgra, rgb or bgr, got {sink.format!r}")
+            fail(f"{key}.format must be rgba, bgra, rgb or bgr, got {shown(sink.format)}")
         if not 0 <= sink.port < 65536:
             fail(f"{key}.port must be within [0, 65535], got {sink.port}")
         if sink.width < 0 or sink.height < 0 or sink.fps < 0:
@@ -372,7 +486,7 @@ def _check(config: BridgeConfig, where: str) -> None:
     for target in config.osc.status_targets:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
-            fail(f"osc.status_targets entries must be host:port, got {target!r}")
+            fail(f"osc.status_targets entries must be host:port, got {shown(target)}")
     for i, mapping in enumerate(config.midi.mappings):
         try:
             check_mapping(mapping, f"midi.mappings.{i}")
@@ -384,9 +498,9 @@ def _check(config: BridgeConfig, where: str) -> None:
 
 def _check_kind(key: str, kind: str, valid: Sequence[str], fail: Any) -> None:
     if kind not in valid:
-        close = difflib.get_close_matches(kind, valid, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(kind[:MAX_SHOWN], valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        fail(f"{key} {kind!r} is not a known kind{hint} (valid: {', '.join(valid)})")
+        fail(f"{key} {shown(kind)} is not a known kind{hint} (valid: {', '.join(valid)})")
 
 
 def add_midi_mapping(path: str | Path, mapping: MidiMapping) -> str:
@@ -394,8 +508,11 @@ def add_midi_mapping(path: str | Path, mapping: MidiMapping) -> str:
     returns what was done, for the user. A file without a `midi` section keeps its text and
     comments (the section is appended); one with a section is rewritten, without comments."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8") if p.exists() else ""
-    raw = yaml.safe_load(text) if text.strip() else {}
+    text = read_config_text(p) if p.exists() else ""
+    try:
+        raw = parse_yaml(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {cut(str(exc), 600)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     entry = mapping_fields(mapping)

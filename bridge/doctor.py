@@ -4,8 +4,10 @@ It reports the OS and Python; torch, CUDA and the GPU; whether TensorRT is insta
 every transport whether it is available, or why not and the fix; and the same for the control
 surfaces that need a library (MIDI, the OSCQuery mDNS announcement), which never stop a
 config. Nothing is opened: no camera is grabbed, no sender started. The config is judged
-unable to run when a medium it uses is unavailable, when it asks for CUDA that torch cannot
-see, or when an offline hub model is not cached.
+unable to run when a medium it uses is unavailable, when its input or an output fails the
+checks that need no opening (a missing image file, no such camera device, a bad shm name),
+when a port it listens on is taken, when it asks for CUDA that torch cannot see, or when an
+offline hub model is not cached.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import importlib
 import importlib.util
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bridge.config import BridgeConfig
-from bridge.transports.registry import SINK_KINDS, SOURCE_KINDS, availability, describe
+from bridge.ports import listeners, port_problem
+from bridge.transports.registry import (
+    SINK_KINDS,
+    SOURCE_KINDS,
+    availability,
+    describe,
+    precheck_sink,
+    precheck_source,
+)
 
 
 def _torch() -> dict[str, Any]:
@@ -92,6 +103,23 @@ def _controls(config: BridgeConfig) -> list[dict[str, Any]]:
     return [midi, query]
 
 
+def _ports(config: BridgeConfig) -> list[dict[str, Any]]:
+    """Each port the config listens on, and whether another process holds it now."""
+    rows = []
+    for listener in listeners(config):
+        problem = port_problem(listener)
+        row: dict[str, Any] = {
+            "key": listener.key,
+            "what": listener.what,
+            "address": listener.where,
+            "free": not problem,
+        }
+        if problem:
+            row["reason"] = problem
+        rows.append(row)
+    return rows
+
+
 def _model_problem(config: BridgeConfig) -> tuple[str, str]:
     """(problem, note) about the model: a problem stops the config, a note does not."""
     e = config.engine
@@ -115,17 +143,30 @@ def _model_problem(config: BridgeConfig) -> tuple[str, str]:
 
 
 def check_config(
-    config: BridgeConfig, torch_info: dict[str, Any], transports: list[dict[str, Any]]
+    config: BridgeConfig,
+    torch_info: dict[str, Any],
+    transports: list[dict[str, Any]],
+    ports: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
+    """Whether `config` can run, given what `gather` found: the media it uses, CUDA, the model,
+    its input and outputs as far as they can be checked unopened (`precheck_source`,
+    `precheck_sink`) and the `ports` rows (`_ports`) it listens on."""
     by_kind = {row["kind"]: row for row in transports}
     problems = []
+    sink_keys = ["output" if i == 0 else f"extra_outputs.{i - 1}" for i in range(len(config.outputs))]
     used = [("input", config.input.kind)] + [
-        ("output" if i == 0 else f"extra_outputs.{i - 1}", sink.kind) for i, sink in enumerate(config.outputs)
+        (key, sink.kind) for key, sink in zip(sink_keys, config.outputs, strict=True)
     ]
     for key, kind in used:
         row = by_kind[kind]
         if not row["available"]:
             problems.append(f"{key}.kind={kind}: {row['reason']}")
+        elif key == "input" and (problem := precheck_source(config.input)):
+            problems.append(problem)
+    for key, sink in zip(sink_keys, config.outputs, strict=True):
+        if by_kind[sink.kind]["available"] and (problem := precheck_sink(sink, key)):
+            problems.append(problem)
+    problems += [row["reason"] for row in ports if not row["free"]]
     device = config.engine.device
     if device.startswith("cuda") and not torch_info["cuda"]:
         problems.append(f"engine.device={device}, but torch sees no CUDA device: {torch_info['note']}")
@@ -147,6 +188,7 @@ def check_config(
 def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
     torch_info = _torch()
     transports = _transports()
+    ports = _ports(config)
     return {
         "system": {
             "os": platform.system(),
@@ -159,7 +201,8 @@ def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
         "tensorrt": _tensorrt(),
         "transports": transports,
         "controls": _controls(config),
-        "config": {"source": config_label, **check_config(config, torch_info, transports)},
+        "ports": ports,
+        "config": {"source": config_label, **check_config(config, torch_info, transports, ports)},
     }
 
 
@@ -184,6 +227,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("controls")
     for row in report["controls"]:
         lines.append(f"  {row['name']:<11} {'in use' if row['enabled'] else 'off':<13} {_state(row)}")
+    lines.append("ports")
+    for row in report["ports"]:
+        state = "free" if row["free"] else "TAKEN by another process"
+        lines.append(f"  {row['key']:<22} {row['what']:<9} {row['address']:<22} {state}")
     verdict = "can run" if cfg["can_run"] else "CANNOT run"
     lines.append(
         f"config     {cfg['source']}: {verdict} (input {cfg['input']}, outputs {', '.join(cfg['outputs'])}; "

@@ -3,7 +3,9 @@
 optional tiny VAE (TAESD/TAESDXL) and an optional fused LCM-LoRA.
 
 Every failure is a `ModelLoadError` that names the model, says what went wrong and what to do.
-Downloads show huggingface_hub's progress bars.
+Downloads show huggingface_hub's progress bars; a local load shows none, and the notices that
+diffusers and transformers print on every load of a model like ours, known to be harmless, are
+dropped (only those exact messages, only while we load: `quiet_load`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -162,12 +166,67 @@ def _hub_error(model: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load model {model!r}: {type(exc).__name__}: {exc}")
 
 
+# (logger, what the message contains): notices printed on every load that say nothing wrong.
+_KNOWN_NOTICES = (
+    # transformers without torchvision falls back to the PIL image processors, which the
+    # pipelines' (unused) feature extractors are; nothing of ours needs torchvision.
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+    # AutoencoderTiny's saved config carries block_out_channels, which its __init__ does not take.
+    ("diffusers.configuration_utils", "{'block_out_channels': "),
+    # StableDiffusionPipeline's type hint says AutoencoderKL; AutoencoderTiny (TAESD) works there.
+    ("diffusers.pipelines.pipeline_utils", "Expected types for vae: "),
+)
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, text: str, also: str = "") -> None:
+        super().__init__()
+        self.text, self.also = text, also
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (self.text in message and self.also in message)
+
+
+@contextmanager
+def quiet_load() -> Iterator[None]:
+    """While loading: no progress bars from diffusers and transformers (a local load is quick;
+    hub downloads keep huggingface_hub's own bars), and the `_KNOWN_NOTICES` dropped. Every
+    other warning still shows. Restores both on exit."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    filters = []
+    for name, text in _KNOWN_NOTICES:
+        also = "AutoencoderTiny" if name != "transformers.utils.import_utils" else ""
+        flt = _DropKnown(text, also)
+        logging.getLogger(name).addFilter(flt)
+        filters.append((name, flt))
+    try:
+        yield
+    finally:
+        for name, flt in filters:
+            logging.getLogger(name).removeFilter(flt)
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(model: str, options: LoadOptions) -> Any:
     """Load `model` as a diffusers pipeline on `options.device`, ready for `StreamEngine`.
 
     `model` is an embedded name (`tiny`, `tiny-sd21`, `tiny-sdxl`), a local diffusers folder, a
     single `.safetensors` checkpoint, or a Hugging Face id (`stabilityai/sd-turbo`).
     """
+    with quiet_load():
+        return _load_pipeline(model, options)
+
+
+def _load_pipeline(model: str, options: LoadOptions) -> Any:
     dtype = resolve_dtype(options)
     path = Path(model).expanduser()
     if model in TINY_VARIANTS:
@@ -203,7 +262,7 @@ def _from_folder(folder: Path, model: str, dtype: torch.dtype) -> Any:
     except (json.JSONDecodeError, KeyError) as exc:
         raise ModelLoadError(f"{str(index)!r} is not a valid model_index.json: {exc}") from exc
     family = family_of_pipeline(class_name, model)
-    return _pipeline_class(family).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    return _pipeline_class(family).from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
 
 def _from_hub(model: str, dtype: torch.dtype, options: LoadOptions) -> Any:
@@ -222,13 +281,13 @@ def _from_hub(model: str, dtype: torch.dtype, options: LoadOptions) -> Any:
     try:
         try:
             return cls.from_pretrained(
-                model, torch_dtype=dtype, local_files_only=options.offline, variant=_variant(dtype)
+                model, dtype=dtype, local_files_only=options.offline, variant=_variant(dtype)
             )
         except ValueError as exc:
             if _variant(dtype) is None or "variant" not in str(exc):
                 raise
             # No fp16 files published: take the full-precision ones and cast.
-            return cls.from_pretrained(model, torch_dtype=dtype, local_files_only=options.offline)
+            return cls.from_pretrained(model, dtype=dtype, local_files_only=options.offline)
     except Exception as exc:
         raise _hub_error(model, exc) from exc
 
@@ -247,7 +306,7 @@ def _from_single_file(path: Path, model: str, dtype: torch.dtype, options: LoadO
             "convert it to .safetensors first"
         )
     family = detect_single_file_family(path)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": options.offline}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": options.offline}
     if options.config:
         kwargs["config"] = options.config
     try:
@@ -270,9 +329,9 @@ def _swap_tiny_vae(pipe: Any, options: LoadOptions, dtype: torch.dtype) -> None:
         folder = folder / "vae"  # a whole pipeline folder: take its VAE
     try:
         if folder.is_dir():
-            vae = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+            vae = AutoencoderTiny.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
         else:
-            vae = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype, local_files_only=options.offline)
+            vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=options.offline)
     except Exception as exc:
         raise _hub_error(source, exc) from exc
     pipe.vae = vae

@@ -10,13 +10,17 @@ same `from_pretrained` path as any real model. Nothing is downloaded.
 | `tiny-sd21` | SD 2.1 | one CLIP, linear-projection UNet  | AutoencoderKL       |
 | `tiny-sdxl` | SDXL   | CLIP + CLIP-with-projection       | AutoencoderTiny     |
 
-Calibration: random weights give latents, noise predictions and pixels of arbitrary scale, and
-decoded frames clamp flat. We rescale the last layer of each network once, per channel, so
-latents have unit variance, the UNet's noise prediction has unit variance, and the decoder's
-pixels sit around mid-grey with a spread that stays inside [0, 1]. The VAE's kernels are made
-smooth (random gains times one blur kernel) so the input's layout shows through, and
-cross-attention is strengthened until a change of prompt moves the noise prediction by 60% of
-its spread. The frames then change visibly with the input image, the prompt and the seed.
+Calibration. `tiny` and `tiny-sdxl` (TAESD-like VAE) are built to show their input: the VAE is
+not random but close to an identity at 1/8 resolution (2x2 averages down, luminance twice and
+two colour differences as latents of spread `_LATENT_STD`, a least-squares colour estimate and
+smoothed upsampling back), and the UNet's prediction is a real, if crude, noise estimate: a
+high-pass of its input, normalised by the output norm and fitted in closed form to the noise
+actually added, plus the random deep path (its cross-attention strengthened until a change of
+prompt moves it by 90% of its spread) scaled to `_EPS_STD`, which carries prompt and seed. At the
+default config an image input's luminance then correlates with the output's at 0.67 to 0.80
+(it was -0.14 to 0.02 with a random VAE). `tiny-sd21` keeps a random AutoencoderKL whose kernels
+are made smooth, a UNet and decoder whose last layers are rescaled so latents and noise
+predictions have unit spread and pixels sit inside [0, 1].
 """
 
 from __future__ import annotations
@@ -35,12 +39,23 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Bump when the generated weights or layout change, so stale caches are rebuilt, not reused.
-TINY_FORMAT_VERSION = 3
+TINY_FORMAT_VERSION = 4
 TINY_VARIANTS: dict[str, str] = {"tiny": "sd15", "tiny-sd21": "sd21", "tiny-sdxl": "sdxl"}
 TINY_RESOLUTION = 256  # the native size of the tiny models, in pixels (latent 32x32)
 _SEED = 20231220  # StreamDiffusion's arXiv date; any fixed value would do
-# How much a change of prompt moves the noise prediction, relative to its spread.
+# How much a change of prompt moves the (deep part of the) noise prediction, relative to its
+# spread: the SD 2.1-like model, and the TAESD-like ones, whose deep part is only a share of it.
 _PROMPT_SHARE = 0.5
+_PROMPT_SHARE_TINY_VAE = 0.9
+# The spread of the tiny (TAESD-like) models' noise prediction: large enough that prompt and seed
+# change the frame visibly, small enough that the input still shows through.
+_EPS_STD = 1.0
+# The spread of the tiny (TAESD-like) VAE's latents. A trained UNet removes nearly all the noise
+# an img2img step adds; ours removes only its high-frequency part, so a wider latent spread (SD's
+# is about 1) keeps the picture ahead of the noise at the default strength, as in a real model.
+_LATENT_STD = 2.0
+# The noise variance a denoising step leaves in the latents, as the tiny decoder assumes it.
+_DECODE_NOISE = 1.0
 _VOCAB_WORDS = [
     "a",
     "the",
@@ -271,15 +286,16 @@ def _calibrate(pipe: Any, family: str) -> None:
     gen = torch.Generator().manual_seed(_SEED + 1)
     images = _calibration_images(gen) * 2 - 1  # the VAE takes [-1, 1]
     vae = pipe.vae
-    _shape_vae(vae)
     tiny_vae = family != "sd21"
     scale = float(vae.config.scaling_factor)
 
-    # 1. Encoder: unit-variance latents (after the scaling factor), zero mean.
+    # 1. VAE. TAESD-like: built as a near-identity at 1/8 resolution (`_pass_through_vae`), so
+    #    the input shows through. AutoencoderKL (tiny-sd21): smooth random kernels, unit-variance
+    #    latents (after the scaling factor), zero mean.
     if tiny_vae:
-        latents = vae.encode(images).latents
-        _affine_calibrate(_last_conv(vae.encoder), latents, torch.zeros(4), torch.ones(4))
+        _pass_through_vae(vae, images)
     else:
+        _shape_vae(vae)
         # AutoencoderKL's last encoder conv emits (mean, logvar); calibrate the mean half and
         # make the log-variance small so sampling adds little noise.
         moments = vae.encoder(images)
@@ -292,7 +308,7 @@ def _calibrate(pipe: Any, family: str) -> None:
             vae.quant_conv.bias.zero_()
 
     # 2. UNet: strengthen cross-attention until the prompt moves the prediction by a set share
-    #    of its spread, then give the noise prediction unit variance. The samples are the
+    #    of its spread, then give the noise prediction a set spread. The samples are the
     #    calibration images' latents noised as the engine noises them.
     from diffusers import LCMScheduler
 
@@ -305,32 +321,176 @@ def _calibrate(pipe: Any, family: str) -> None:
     sample = acp.sqrt() * clean + (1 - acp).sqrt() * noise
     embeds, added = _calibration_conditioning(pipe, family, batch=4)
     swapped = embeds.roll(1, dims=0)  # the same samples under other prompts
+    if tiny_vae:
+        _high_pass_input(unet)
     attn_out = [
         m for n, m in unet.named_modules() if n.endswith("attn2.to_out.0") and isinstance(m, nn.Linear)
     ]
     for _ in range(24):
         eps = unet(sample, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         other = unet(sample, timesteps, encoder_hidden_states=swapped, added_cond_kwargs=added).sample
-        if float((eps - other).std() / eps.std()) >= _PROMPT_SHARE:
+        if float((eps - other).std() / eps.std()) >= (_PROMPT_SHARE_TINY_VAE if tiny_vae else _PROMPT_SHARE):
             break
         for module in attn_out:
             module.weight.mul_(1.2)
     _affine_calibrate(unet.conv_out, eps, torch.zeros(4), torch.full((4,), 0.7))
+    if tiny_vae:
+        # The pass-through decoder needs no calibration (it inverts the encoder); the UNet
+        # learns, in closed form, to predict the noise it is given.
+        _denoising_head(unet, sample, timesteps, noise, embeds, added)
+        return
 
-    # 3. Decoder: calibrated on what the engine decodes, x0 after one LCM step at the usual
-    #    img2img timesteps: pixels around mid-grey (a slight tint per channel) with a spread
-    #    that keeps nearly all of them inside [0, 1].
+    # 3. Decoder (AutoencoderKL): calibrated on what the engine decodes, x0 after one LCM step
+    #    at the usual img2img timesteps: pixels around mid-grey (a slight tint per channel)
+    #    with a spread that keeps nearly all of them inside [0, 1].
     eps = unet(sample, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     x0 = (sample - (1 - acp).sqrt() * eps) / acp.sqrt()
     x0 = x0[2:]  # the img2img timesteps (359, 99); 999 and 659 are txt2img territory
-    conv = _last_conv(vae.decoder)
-    if tiny_vae:
-        # DecoderTiny returns layers(x) * 2 - 1: calibrate the [0, 1] pre-image.
-        raw = (vae.decode(x0).sample + 1) / 2
-        _affine_calibrate(conv, raw, torch.tensor([0.52, 0.47, 0.50]), torch.full((3,), 0.15))
-    else:
-        raw = vae.decode(x0 / scale).sample
-        _affine_calibrate(conv, raw, torch.tensor([0.04, -0.06, 0.0]), torch.full((3,), 0.3))
+    raw = vae.decode(x0 / scale).sample
+    _affine_calibrate(_last_conv(vae.decoder), raw, torch.tensor([0.04, -0.06, 0.0]), torch.full((3,), 0.3))
+
+
+def _kernel(conv: nn.Conv2d, taps: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """Set `conv` to `taps` (3, 3) from input channel i to output channel o for each (o, i) of
+    `pairs`, zero elsewhere (bias too)."""
+    conv.weight.zero_()
+    for o, i in pairs:
+        conv.weight[o, i] = taps
+    if conv.bias is not None:
+        conv.bias.zero_()
+
+
+_SKIP = 16  # channels of the UNet's last feature map given over to the closed-form noise estimate
+
+
+@torch.no_grad()
+def _high_pass_input(unet: Any) -> None:
+    """The UNet's first conv: its first `_SKIP` channels become copies of a 3x3 high-pass of the
+    latent channels (channel j sees latent j % 4); the rest stay random and feed the deep
+    path. White noise is mostly high-frequency and a picture's latents mostly not, so these
+    channels carry the noise to predict."""
+    high_pass = -torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    high_pass[1, 1] += 1.0
+    conv = unet.conv_in
+    conv.weight[:_SKIP] = 0.0
+    for j in range(_SKIP):
+        conv.weight[j, j % 4] = high_pass
+    conv.bias[:_SKIP] = 0.0
+
+
+@torch.no_grad()
+def _denoising_head(
+    unet: Any,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    embeds: torch.Tensor,
+    added: dict[str, Any] | None,
+) -> None:
+    """Make the UNet's prediction a real (if crude) noise estimate plus its deep, prompt-driven
+    part. The last resnet passes the high-pass channels of the first conv (its skip input)
+    straight through in its first `_SKIP` channels; the output norm divides them by their
+    spread, which takes out the noise level of the timestep; a large norm bias keeps SiLU
+    linear on them; and the output conv's weights on them are fitted by least squares to the
+    noise actually added to `sample`. The other channels keep the random deep path, scaled so
+    its part of the prediction has spread `_EPS_STD`: that part carries prompt and seed."""
+    last = unet.up_blocks[-1].resnets[-1]
+    width = last.conv_shortcut.in_channels - unet.conv_in.out_channels  # the deep input's channels
+    last.conv_shortcut.weight[:_SKIP] = 0.0
+    for j in range(_SKIP):
+        last.conv_shortcut.weight[j, width + j, 0, 0] = 1.0
+    if last.conv_shortcut.bias is not None:
+        last.conv_shortcut.bias[:_SKIP] = 0.0
+    last.conv2.weight[:_SKIP] = 0.0
+    last.conv2.bias[:_SKIP] = 0.0
+    unet.conv_norm_out.weight[:_SKIP] = 1.0
+    unet.conv_norm_out.bias[:_SKIP] = 10.0  # SiLU(10 + z) = 10 + z within 0.1% for |z| < 3
+    conv = unet.conv_out
+    features: list[torch.Tensor] = []
+    hook = conv.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
+    try:
+        unet(sample, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added)
+    finally:
+        hook.remove()
+    x = features[0]  # (N, C, h, w): what the output conv sees
+    conv.weight[:, :_SKIP] = 0.0
+    conv.bias.zero_()
+    deep = nn.functional.conv2d(x, conv.weight, padding=1)  # (N, 4, h, w)
+    conv.weight.mul_(_EPS_STD / deep.std(dim=(0, 2, 3)).clamp_min(1e-6).view(-1, 1, 1, 1))
+    deep = nn.functional.conv2d(x, conv.weight, padding=1)
+    for k in range(4):
+        # The copies of latent k's high-pass are equal: fit one 3x3 kernel and an intercept by
+        # least squares (float64) and share it out over the copies. The design is what the
+        # conv sees, zero padding included: at the frame's edge the missing taps would
+        # otherwise turn the norm bias's +10 into a wrong prediction along the border.
+        copies = list(range(k, _SKIP, 4))
+        feature = x[:, copies].mean(dim=1, keepdim=True).double()  # (N, 1, h, w)
+        taps = nn.functional.unfold(feature, 3, padding=1).permute(0, 2, 1).reshape(-1, 9)
+        design = torch.cat([taps, torch.ones(taps.shape[0], 1, dtype=torch.float64)], dim=1)
+        target = (noise[:, k] - deep[:, k]).double().flatten()
+        solution = torch.linalg.solve(design.T @ design, design.T @ target)
+        conv.weight[k, copies] = (solution[:9] / len(copies)).view(3, 3).float()
+        conv.bias[k] = float(solution[9])
+
+
+@torch.no_grad()
+def _pass_through_vae(vae: Any, images: torch.Tensor) -> None:
+    """Make an AutoencoderTiny encode and decode close to an identity at 1/8 resolution.
+
+    Encoder: RGB in the first three channels, each downsampling conv an exact 2x2 average, the
+    residual blocks identities (their conv branch zeroed; ReLU passes the non-negative pixels),
+    and the last conv mixes RGB into four latents: luminance twice, and two colour differences,
+    calibrated to zero mean and unit variance on `images` (N, 3, H, W) in [-1, 1]. Decoder:
+    the least-squares inverse of that mix (which averages the two luminance latents, halving
+    the noise the UNet leaves on brightness), then nearest-neighbour upsampling smoothed by a
+    binomial 3x3 kernel at each scale. Everything is linear but the ReLUs, which clip below
+    black as the final clamp would. The weights stay plain Conv2d weights, so the model saves
+    and loads like any diffusers AutoencoderTiny."""
+    centre = torch.zeros(3, 3)
+    centre[1, 1] = 1.0
+    pool = torch.zeros(3, 3)
+    pool[1:, 1:] = 0.25  # taps at (0, 0), (0, +1), (+1, 0), (+1, +1): a 2x2 average at stride 2
+    smooth = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    rgb = [(c, c) for c in range(3)]
+    enc: list[Any] = list(vae.encoder.layers)
+    dec: list[Any] = list(vae.decoder.layers)
+    for module in [*enc, *dec]:
+        if hasattr(module, "fuse"):  # AutoencoderTinyBlock
+            _kernel(module.conv[-1], centre, [])  # conv branch off: the block is ReLU(x) = x
+    enc_convs: list[Any] = [m for m in enc if isinstance(m, nn.Conv2d)]
+    _kernel(enc_convs[0], centre, rgb)
+    for conv in enc_convs[1:-1]:
+        _kernel(conv, pool, rgb)
+    mix = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.299, 0.587, 0.114], [1.0, -1.0, 0.0], [-0.5, -0.5, 1.0]]
+    )  # (4 latents, 3 colours)
+    last = enc_convs[-1]
+    last.weight.zero_()
+    last.weight[:, :3, 1, 1] = mix
+    last.bias.zero_()
+    _affine_calibrate(last, vae.encode(images).latents, torch.zeros(4), torch.full((4,), _LATENT_STD))
+    gain = last.weight[:, :3, 1, 1].clone()  # (4, 3): latent = gain @ rgb01 + bias, on a flat colour
+    # The decoder's first conv: the linear least-squares (Wiener) estimate of the colour from the
+    # latents, smoothed over 3x3 latent pixels, given the pixels' spread on `images` and the
+    # noise a denoising step leaves in the latents (_DECODE_NOISE, latent units, after the 3x3
+    # smoothing). It shrinks what the latents carry badly (colour differences) towards the mean
+    # colour instead of amplifying noise into it.
+    rgb01 = (images + 1) / 2
+    pixels = rgb01.permute(1, 0, 2, 3).reshape(3, -1)  # (3, N*H*W)
+    mean = pixels.mean(dim=1)
+    spread = torch.cov(pixels)  # (3, 3)
+    inverse = spread @ gain.T @ torch.linalg.inv(gain @ spread @ gain.T + _DECODE_NOISE * torch.eye(4))
+    dec_convs: list[Any] = [m for m in dec if isinstance(m, nn.Conv2d)]
+    first = dec_convs[0]
+    first.weight.zero_()
+    first.weight[:3] = inverse[:, :, None, None] * smooth
+    first.bias.zero_()
+    first.bias[:3] = mean - inverse @ (gain @ mean + last.bias)
+    # Upsampling: nearest neighbour, then the binomial kernel at 4x and 8x; not at 2x, whose
+    # zero padding would darken a 4-pixel frame (pixels here are >= 0, not centred).
+    _kernel(dec_convs[1], centre, rgb)
+    for conv in dec_convs[2:]:
+        _kernel(conv, smooth, rgb)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from bridge.frames import Frame
-from bridge.transports.base import SinkContext
+from bridge.transports.base import SinkContext, TransportUnavailable
 from bridge.transports.preview_page import page
 from bridge.webguard import MAX_CONNECTIONS, TIMEOUT_S, GuardedHandler, GuardedServer, Refusal, is_loopback
 
@@ -75,9 +75,13 @@ class PreviewSink:
                 max_connections=max_connections,
             )
         except OSError as exc:
-            raise OSError(
+            # Final, not retried: a port another process holds stays taken, and a bridge that
+            # ran on without its preview would show the other process's page at this address.
+            raise TransportUnavailable(
                 f"the preview cannot listen on http://{host}:{port}/: {exc.strerror or exc}. "
-                "Pick another port with --set extra_outputs.0.port=..."
+                "Is another bridge running? Stop it, or pick another port: "
+                "--set extra_outputs.0.port=... for the default preview (output.port when the "
+                "preview is the main output)"
             ) from exc
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread = threading.Thread(

@@ -3,7 +3,10 @@ optional library it needs, is imported only when that kind is opened."""
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bridge.transports.base import Sink, SinkContext, Source
@@ -58,6 +61,103 @@ def availability(kind: str) -> str:
         from bridge.transports.virtualcam import driver_problem
 
         return driver_problem()
+    if kind == "camera":
+        return camera_problem()
+    return ""
+
+
+def camera_devices() -> list[str]:
+    """The V4L2 capture devices of this Linux machine (/dev/video*), sorted by number."""
+    found = [p for p in Path("/dev").glob("video*") if p.name[5:].isdigit()]
+    return [str(p) for p in sorted(found, key=lambda p: int(p.name[5:]))]
+
+
+def camera_problem() -> str:
+    """ "" unless this is Linux and it has no camera device at all. Elsewhere (and for one
+    device by index) only opening the camera can tell."""
+    if sys.platform != "linux" or camera_devices():
+        return ""
+    return (
+        "no camera device was found (no /dev/video* on this machine): plug a camera in, or start "
+        "a virtual one (v4l2loopback), or use input.kind=image, video, shm or synthetic"
+    )
+
+
+# POSIX shared memory names: no '/', and macOS allows 31 characters (the ring adds _gN).
+_SHM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SHM_NAME_MAX = 24 if sys.platform == "darwin" else 200
+
+
+def _shm_name_problem(key: str, name: str) -> str:
+    if _SHM_NAME.fullmatch(name) and len(name) <= _SHM_NAME_MAX:
+        return ""
+    from bridge.config import shown
+
+    return (
+        f"{key} {shown(name)} is not a usable shared memory name: use 1 to {_SHM_NAME_MAX} letters, "
+        "digits, '_', '.' or '-' (e.g. sdbridge_in)"
+    )
+
+
+def precheck_source(cfg: SourceConfig) -> str:
+    """What is wrong with the input `cfg` that can be told without opening it ("" when
+    nothing is): a missing or unreadable image or video file, a camera device that does not
+    exist, a bad shared memory name. Cheap: run it before the model loads."""
+    from bridge.config import shown
+
+    kind = cfg.kind
+    if kind in ("image", "video"):
+        if not cfg.path:
+            return f"input.kind={kind} needs a file: set input.path (e.g. --set input.path=show.png)"
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            where = "a folder, not a file" if path.is_dir() else "no such file"
+            return f"input.path {shown(str(path))}: {where}; give the {kind} file's path"
+        if kind == "image":
+            return _image_problem(path)
+        return ""
+    if kind == "camera":
+        problem = camera_problem()
+        if problem:
+            return f"input.kind=camera: {problem}"
+        if sys.platform == "linux" and not Path(f"/dev/video{cfg.device}").exists():
+            return (
+                f"input.device {cfg.device}: there is no /dev/video{cfg.device}; "
+                f"the cameras here are {', '.join(camera_devices())} (input.device is the number)"
+            )
+        return ""
+    if kind == "shm":
+        return _shm_name_problem("input.name", cfg.name or "sdbridge_in")
+    return ""
+
+
+def _image_problem(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()  # reads the header and checks the structure, without decoding pixels
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        from bridge.config import shown
+
+        return (
+            f"input.path {shown(str(path))} is not an image Pillow can read ({type(exc).__name__}); "
+            "use a PNG, JPEG or another common format"
+        )
+    return ""
+
+
+def precheck_sink(cfg: SinkConfig, key: str = "output") -> str:
+    """As `precheck_source`, for the output `cfg` found at config `key` (`output`,
+    `extra_outputs.0`): a bad shared memory name, a virtual camera device that does not exist.
+    Listening ports are checked by `bridge.ports`."""
+    if cfg.kind == "shm":
+        return _shm_name_problem(f"{key}.name", cfg.name or "sdbridge_out")
+    if cfg.kind == "virtualcam" and cfg.device and sys.platform == "linux" and not Path(cfg.device).exists():
+        from bridge.config import shown
+
+        devices = ", ".join(camera_devices()) or "none"
+        return f"{key}.device {shown(cfg.device)} does not exist (video devices here: {devices})"
     return ""
 
 
