@@ -350,10 +350,13 @@ def left_behind(name: str) -> list[str]:
 
 def load_touchdesigner_reader() -> Any:
     """touchdesigner/sdbridge_shm.py as TouchDesigner imports it: a module of its own."""
-    spec = importlib.util.spec_from_file_location("sdbridge_shm", ROOT / "touchdesigner" / "sdbridge_shm.py")
+    # A name of its own: replacing sys.modules["sdbridge_shm"] would swap the module under other
+    # tests that imported it (the TouchDesigner builder's generated code imports it by that name).
+    name = "sdbridge_shm_under_test"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "touchdesigner" / "sdbridge_shm.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["sdbridge_shm"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
