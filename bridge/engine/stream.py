@@ -415,6 +415,9 @@ class StreamEngine:
             x = self._encode(pixels)
             # 2. Noise the new latent to the first timestep with the fixed noise.
             x = self._coefs.alpha[:f] * x + self._coefs.beta[:f] * self._init_noise[:f]
+            # uint8 input reaches here channels-last (a permuted view), float input NCHW; fp16
+            # convolutions round differently per layout, so the UNet always gets NCHW.
+            x = x.contiguous()
         else:
             # txt2img: a fresh seeded latent per frame (reproducible from prepare()).
             x = torch.randn((f, *self._latent_shape), generator=self._generator).to(self.device, self.dtype)
@@ -434,13 +437,13 @@ class StreamEngine:
                 )
             batch = image[None] if image.ndim == 3 else image
             tensor = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
-            tensor = tensor.permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            tensor = tensor.permute(0, 3, 1, 2).float() / 255.0
         elif isinstance(image, Tensor):
             if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
                 raise ValueError(
                     f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
                 )
-            tensor = image.to(device=self.device, dtype=self.dtype)
+            tensor = image.to(device=self.device, dtype=torch.float32)
         else:
             raise TypeError(
                 f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}"
@@ -451,7 +454,9 @@ class StreamEngine:
             tensor = torch.nn.functional.interpolate(
                 tensor, size=(self.height, self.width), mode="bilinear", align_corners=False
             )
-        return tensor * 2.0 - 1.0  # (f, 3, H, W) in [-1, 1]
+        # In fp32, then one cast, as diffusers' VaeImageProcessor and the original do: in fp16,
+        # /255 and *2-1 would each round, and 140 of the 256 levels would come out different.
+        return (tensor * 2.0 - 1.0).to(self.dtype)  # (f, 3, H, W) in [-1, 1]
 
     def _encode(self, pixels: Tensor) -> Tensor:
         self.stats.vae_encodes += 1
@@ -542,7 +547,9 @@ class StreamEngine:
         # uint8: convert on the device, then one copy to the host (the documented sync).
         f = image.shape[0]
         rgba = torch.full((f, self.height, self.width, 4), 255, dtype=torch.uint8, device=image.device)
-        rgba[..., :3] = (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        # Rounded in fp32 (diffusers' postprocess does it in numpy float32); in fp16 about 4% of
+        # the pixels would land one level off.
+        rgba[..., :3] = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         host = rgba.cpu().numpy()
         result = host[0] if f == 1 else host
         self._last["uint8"] = result
