@@ -197,3 +197,23 @@ def test_device_scalars_round_as_python_scalars(dtype: torch.dtype) -> None:
             values, scalar(g, values.device), out=out, tmp32=torch.empty_like(values, dtype=torch.float32)
         )
         assert torch.equal(got, values * g), g
+
+
+def test_flipped_and_read_only_frames_give_the_same_output(tiny_pipe: Any) -> None:
+    flipped = pattern_uint8(1, SIZE)[::-1]  # negative strides: torch.from_numpy takes none
+    read_only = np.ascontiguousarray(flipped)
+    read_only.flags.writeable = False
+    a, b = make(tiny_pipe, "self", [35]), make(tiny_pipe, "self", [35])
+    assert np.array_equal(a(flipped, output_type="uint8"), b(read_only, output_type="uint8"))
+
+
+def test_the_filter_scores_the_normalised_pixels(tiny_pipe: Any) -> None:
+    engine = make(tiny_pipe, "self", [32, 45])
+    engine.set_similarity_filter(enabled=True, threshold=1.0)  # scores, never skips
+    first, second = pattern(0, SIZE), pattern(1, SIZE)
+    engine(first)
+    engine(second)
+    want = torch.nn.functional.cosine_similarity(
+        (first * 2 - 1).reshape(1, -1), (second * 2 - 1).reshape(1, -1)
+    )
+    assert engine.similarity.last_similarity == pytest.approx(float(want), abs=1e-6)

@@ -53,6 +53,8 @@ class InputStaging:
 
     def load_bytes(self, frames: np.ndarray) -> None:
         """(f, H, W, C) uint8 -> pix32 in [0, 1]: one host copy, one H2D copy, x / 255 in fp32."""
+        if any(stride < 0 for stride in frames.strides):  # a flipped view: torch takes none
+            frames = np.ascontiguousarray(frames)
         with warnings.catch_warnings():  # read-only frames are only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             src = torch.from_numpy(frames)

@@ -507,10 +507,11 @@ class StreamEngine:
         # 1. Input: normalise to [-1, 1] at model size; the similarity filter may end here.
         if image is not None:
             staging = self._stage(image)
+            pixels = staging.normalise()  # (f, 3, H, W) in [-1, 1]; flat32 holds the same in fp32
             if self.similarity.should_skip(staging.flat32) and self._has_output:
                 self.stats.skipped += 1
                 return self._output(output_type)
-            z = self._encode(staging.normalise())
+            z = self._encode(pixels)
             # 2. Noise the new latent to the first timestep with the fixed noise.
             torch.mul(c.alpha[:f], z, out=newest)
             torch.mul(c.beta[:f], self._init_noise[:f], out=self._t1[:f])
