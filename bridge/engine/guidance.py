@@ -56,26 +56,81 @@ class StepCoefs:
         return (self.alpha, self.beta, self.c_skip, self.c_out, self.alpha_next, self.beta_next)
 
 
-def lcm_x0(eps: Tensor, x: Tensor, coefs: StepCoefs) -> Tensor:
-    """LCM boundary-condition step: F = (x - beta*eps)/alpha, x0 = c_out*F + c_skip*x."""
-    f_theta = (x - coefs.beta * eps) / coefs.alpha
-    return coefs.c_out * f_theta + coefs.c_skip * x
+def lcm_x0_(eps: Tensor, x: Tensor, coefs: StepCoefs, *, out: Tensor, tmp: Tensor) -> Tensor:
+    """LCM boundary-condition step into `out`: F = (x - beta*eps)/alpha, x0 = c_out*F + c_skip*x.
+
+    One kernel per operation, each rounding to the dtype as the plain expression does (no fused
+    multiply-add), so the result is bit for bit that of the expression. `out` and `tmp` are
+    buffers shaped like `x`, distinct from `x`, `eps` and each other.
+    """
+    torch.mul(coefs.beta, eps, out=tmp)
+    torch.sub(x, tmp, out=tmp)
+    tmp.div_(coefs.alpha)  # F
+    torch.mul(coefs.c_out, tmp, out=out)
+    torch.mul(coefs.c_skip, x, out=tmp)
+    return out.add_(tmp)
 
 
-def guide(eps_cond: Tensor, eps_uncond: Tensor, guidance_scale: float) -> Tensor:
-    """Classifier-free guidance: eps_u + g * (eps_c - eps_u)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+def scale_(src: Tensor, scale: Tensor, *, out: Tensor, tmp32: Tensor) -> Tensor:
+    """out = src * scale, with `scale` a 0-dim float32 tensor (a live fader on the device).
+
+    Rounded as a Python-float scalar kernel rounds: the product of the fp32 values, cast once to
+    `out`'s dtype. (A plain fp16 * fp32-0-dim product would first cast the scale to fp16.)
+    `tmp32` is a float32 buffer shaped like `src`.
+    """
+    tmp32.copy_(src)
+    tmp32.mul_(scale)
+    return out.copy_(tmp32)
 
 
-def residual_stock(eps: Tensor, stock: Tensor, coefs: StepCoefs, next_noise: Tensor) -> Tensor:
-    """The residual-CFG memory for the next call.
+def guide_(
+    eps_cond: Tensor, eps_uncond: Tensor, guidance: Tensor, *, out: Tensor, tmp: Tensor, tmp32: Tensor
+) -> Tensor:
+    """Classifier-free guidance into `out`: eps_u + g * (eps_c - eps_u); `guidance` 0-dim fp32."""
+    torch.sub(eps_cond, eps_uncond, out=tmp)
+    scale_(tmp, guidance, out=tmp, tmp32=tmp32)
+    return torch.add(eps_uncond, tmp, out=out)
+
+
+def residual_stock_(
+    eps: Tensor, stock: Tensor, coefs: StepCoefs, next_noise: Tensor, *, tmp: Tensor, tmp2: Tensor
+) -> Tensor:
+    """The residual-CFG memory for the next call, written over `stock`.
 
     dx = lcm_x0(eps, beta*stock) treats the scaled stored noise as a latent; it is rescaled to
     the slot each row moves to (alpha_next/beta_next) and added to that slot's fixed noise.
     `next_noise` is the fixed noise of the next slot per row (init_noise rolled by one step).
     """
-    dx = lcm_x0(eps, coefs.beta * stock, coefs)
-    return next_noise + coefs.alpha_next * dx / coefs.beta_next
+    torch.mul(coefs.beta, stock, out=tmp2)
+    lcm_x0_(eps, tmp2, coefs, out=stock, tmp=tmp)  # dx
+    stock.mul_(coefs.alpha_next).div_(coefs.beta_next)
+    return stock.add_(next_noise)
+
+
+def scalar(value: float, device: torch.device) -> Tensor:
+    """A 0-dim float32 device tensor holding `value` (guidance, delta), written in place later."""
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+# Allocating forms of the same kernels, for the sequential reference path and small checks.
+def lcm_x0(eps: Tensor, x: Tensor, coefs: StepCoefs) -> Tensor:
+    """LCM boundary-condition step: F = (x - beta*eps)/alpha, x0 = c_out*F + c_skip*x."""
+    out = torch.empty_like(x)
+    return lcm_x0_(eps, x, coefs, out=out, tmp=torch.empty_like(out))
+
+
+def guide(eps_cond: Tensor, eps_uncond: Tensor, guidance_scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance: eps_u + g * (eps_c - eps_u)."""
+    g = guidance_scale if isinstance(guidance_scale, Tensor) else scalar(guidance_scale, eps_cond.device)
+    out = torch.empty_like(eps_cond)
+    tmp32 = torch.empty_like(out, dtype=torch.float32)
+    return guide_(eps_cond, eps_uncond, g, out=out, tmp=torch.empty_like(out), tmp32=tmp32)
+
+
+def residual_stock(eps: Tensor, stock: Tensor, coefs: StepCoefs, next_noise: Tensor) -> Tensor:
+    """The residual-CFG memory for the next call (see `residual_stock_`), as a new tensor."""
+    out = stock.clone()
+    return residual_stock_(eps, out, coefs, next_noise, tmp=torch.empty_like(out), tmp2=torch.empty_like(out))
 
 
 def boundary_scalings(scheduler: object, timesteps: list[int]) -> tuple[Tensor, Tensor]:

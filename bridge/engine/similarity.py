@@ -14,6 +14,8 @@ import random
 import torch
 from torch import Tensor
 
+_EPS = 1e-8  # the norm floor of torch.nn.functional.cosine_similarity
+
 
 class SimilarityFilter:
     """Decides per frame whether to skip it. Not thread-safe: the engine loop owns it.
@@ -26,7 +28,9 @@ class SimilarityFilter:
         self, *, enabled: bool = False, threshold: float = 0.98, max_skip: int = 10, seed: int | None = None
     ) -> None:
         self._rng = random.Random(seed)
-        self._reference: Tensor | None = None
+        self._reference: Tensor | None = None  # a copy of the last processed frame, flat fp32
+        self._has_reference = False
+        self._dot = self._norm = self._ref_norm = torch.zeros(())
         self._in_a_row = 0
         self.enabled = False
         self.threshold = 0.98
@@ -57,8 +61,8 @@ class SimilarityFilter:
         self._rng.seed(seed)
 
     def reset(self) -> None:
-        """Forget the reference frame; the next frame passes."""
-        self._reference = None
+        """Forget the reference frame; the next frame passes (its buffer is kept)."""
+        self._has_reference = False
         self._in_a_row = 0
 
     def skip_probability(self, similarity: float) -> float:
@@ -68,19 +72,35 @@ class SimilarityFilter:
         return max(0.0, (similarity - self.threshold) / (1.0 - self.threshold))
 
     def should_skip(self, frame: Tensor) -> bool:
-        """Whether to skip `frame` (any shape). When it passes, it becomes the new reference."""
+        """Whether to skip `frame` (any shape). When it passes, a copy becomes the new reference
+        (the caller may reuse its buffer for the next frame).
+
+        Allocation-free once the reference exists: cosine = <a, r> / (|a| |r|), each norm
+        clamped at 1e-8 as `torch.nn.functional.cosine_similarity` does, in fp32 buffers; one
+        `.item()` reads the score."""
         if not self.enabled:
             return False
+        flat = frame.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
         ref = self._reference
-        if ref is not None and ref.shape == frame.shape:
-            sim = torch.nn.functional.cosine_similarity(
-                frame.reshape(1, -1).float(), ref.reshape(1, -1).float(), dim=1
-            )
-            self.last_similarity = float(sim.item())
+        if ref is not None and self._has_reference and ref.shape == flat.shape and ref.device == flat.device:
+            dot, norm = self._dot, self._norm
+            torch.dot(flat, ref, out=dot)
+            torch.dot(flat, flat, out=norm)
+            norm.sqrt_().clamp_(min=_EPS).mul_(self._ref_norm)
+            dot.div_(norm)
+            self.last_similarity = float(dot.item())
             self.last_probability = self.skip_probability(self.last_similarity)
             if self._in_a_row < self.max_skip and self._rng.random() < self.last_probability:
                 self._in_a_row += 1
                 return True
-        self._reference = frame
+        if ref is None or ref.shape != flat.shape or ref.device != flat.device:
+            ref = self._reference = torch.empty_like(flat)
+            self._dot, self._norm, self._ref_norm = (flat.new_zeros(()) for _ in range(3))
+        ref.copy_(flat)
+        torch.dot(ref, ref, out=self._ref_norm)
+        self._ref_norm.sqrt_().clamp_(min=_EPS)
+        self._has_reference = True
         self._in_a_row = 0
         return False

@@ -23,9 +23,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bridge.engine.guidance import CfgType, StepCoefs, boundary_scalings, guide, lcm_x0, residual_stock
+from bridge.engine.guidance import (
+    CfgType,
+    StepCoefs,
+    boundary_scalings,
+    guide,
+    guide_,
+    lcm_x0,
+    lcm_x0_,
+    residual_stock,
+    residual_stock_,
+    scalar,
+    scale_,
+)
 from bridge.engine.prompts import PromptCache, PromptSpec
 from bridge.engine.similarity import SimilarityFilter
+from bridge.engine.staging import InputStaging, OutputRing
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +47,8 @@ SeedSpec = int | Sequence[tuple[int, float]]
 """A seed, or a blend [(seed, weight), ...] of the seeds' noises (variance preserved)."""
 
 MAX_STEPS = 10
+OUTPUT_RING_DEPTH = 8
+"""Host slots for uint8 outputs: deeper than the runtime's one-slot mailboxes (see OutputRing)."""
 
 
 @dataclass
@@ -94,6 +109,7 @@ class StreamEngine:
         dtype: torch.dtype | None = None,
         do_add_noise: bool = True,
         similarity_seed: int | None = None,
+        output_ring_depth: int = OUTPUT_RING_DEPTH,
     ) -> None:
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
         if width % 8 or height % 8 or width <= 0 or height <= 0:
@@ -126,7 +142,24 @@ class StreamEngine:
         self.similarity = SimilarityFilter(seed=similarity_seed)
         self.stats = EngineStats()
         self._prepared = False
-        self._last_x0: Tensor | None = None  # the x0 latent of the last processed frame
+        self._has_output = False  # whether _last_x0 holds a processed frame
+        self._last_x0: Tensor  # a view of the x0 buffer's last f rows, set per layout
+        # Live faders as 0-dim fp32 device tensors, written in place (a captured kernel keeps
+        # reading them); the Python floats guidance_scale/delta only choose the row layout.
+        self._g = scalar(1.0, self.device)
+        self._delta = scalar(1.0, self.device)
+        # Buffers that depend only on (f, H, W): the decoded image and the uint8 way out.
+        f, (h, w) = frame_buffer_size, (height, width)
+        self._image = torch.zeros((f, 3, h, w), device=self.device, dtype=self.dtype)  # [0, 1]
+        self._image32 = torch.zeros((f, 3, h, w), device=self.device)
+        self._image32_nhwc = self._image32.permute(0, 2, 3, 1)
+        self._dec_in = torch.zeros((f, *self._latent_shape), device=self.device, dtype=self.dtype)
+        self._z = torch.zeros_like(self._dec_in)  # the newest frame's clean latent
+        self._txt2img_noise = torch.zeros((f, *self._latent_shape))  # CPU, drawn per txt2img frame
+        self._ring = OutputRing(depth=output_ring_depth, f=f, height=h, width=w, device=self.device)
+        self._staging: dict[tuple[str, int], InputStaging] = {}
+        # Which processed frame (a count) the image and the newest ring slot hold.
+        self._version = self._image_version = self._ring_version = 0
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -184,6 +217,8 @@ class StreamEngine:
         self._num_inference_steps = num_inference_steps
         self.guidance_scale = self._check_guidance(guidance_scale)
         self.delta = self._check_delta(delta)
+        self._g.fill_(self.guidance_scale)
+        self._delta.fill_(self.delta)
         self._noise_cache: dict[int, Tensor] = {}
         self._seed_spec = self._check_seed(seed)
         self._cond = self._prompts.blend(prompt)
@@ -191,26 +226,48 @@ class StreamEngine:
         self._prompt, self._negative_prompt = prompt, negative_prompt
         self._resize_state(keep_last=False)
         self.similarity.reset()
-        self._last: dict[str, Any] = {}
         self._prepared = True
 
     def _resize_state(self, *, keep_last: bool) -> None:
-        """Build every tensor whose shape depends on n = len(t_index_list)."""
+        """Allocate every buffer whose shape depends on n = len(t_index_list): once per layout.
+
+        The stream batch lives in `_unet_x` = [E extra rows | n*f rows by step]: E is the most
+        negative rows the mode can run (n*f for `full`, f for `initialize`, else 0), so a
+        guidance crossing only moves the slice the UNet reads. `_batch` is the n*f rows; its
+        first f rows take the newest frame, `_buffer` (rows f:) the frames in flight.
+        """
         n, f = self.num_steps, self.frame_buffer_size
+        rows = n * f
+        last = self._last_x0.clone() if keep_last and self._has_output else None
         self._make_noise()
-        self._stock = torch.zeros_like(self._init_noise)
-        self._seq_stock = torch.zeros_like(self._init_noise[:f])
         self._set_coefs()
-        buffer_rows = (n - 1) * f if self.use_denoising_batch else 0
-        self._buffer = torch.zeros((buffer_rows, *self._latent_shape), device=self.device, dtype=self.dtype)
-        last = self._last_x0 if keep_last else None
-        if last is not None and buffer_rows:
-            # A live change of the step count: fill the new in-flight slots from the last output,
-            # noised to each slot's timestep, instead of n-1 brown frames from zero latents.
-            alpha, beta = self._coefs.alpha[f:], self._coefs.beta[f:]
-            self._buffer = alpha * last.repeat(n - 1, 1, 1, 1) + beta * self._init_noise[f:]
-        if not keep_last:
-            self._last_x0 = None
+        self._extra_rows = 0
+        if self.use_denoising_batch:
+            self._extra_rows = {CfgType.FULL: rows, CfgType.INITIALIZE: f}.get(self.cfg_type, 0)
+
+        def latents(count: int, dtype: torch.dtype | None = None) -> Tensor:
+            return torch.zeros((count, *self._latent_shape), device=self.device, dtype=dtype or self.dtype)
+
+        self._stock, self._seq_stock = latents(rows), latents(f)
+        self._unet_x = latents(self._extra_rows + rows)
+        self._batch = self._unet_x[self._extra_rows :]
+        self._newest = self._batch[:f] if self.use_denoising_batch else latents(f)
+        self._buffer = self._batch[f:]  # (n-1)*f latents in flight (zeros after a start)
+        self._x0, self._eps, self._t1, self._t2 = (latents(rows) for _ in range(4))
+        self._t32 = latents(rows, torch.float32)
+        self._last_x0 = self._x0[-f:]  # the x0 latent of the last processed frame (a view)
+        self._embeds: Tensor | None = None
+        self._added: dict[str, Tensor] | None = None
+        self._has_output = last is not None
+        if last is not None:
+            self._last_x0.copy_(last)
+            if self.use_denoising_batch and n > 1:
+                # A live change of the step count: fill the new in-flight slots from the last
+                # output, noised to each slot's timestep, instead of n-1 brown frames.
+                c = self._coefs
+                torch.mul(c.alpha[f:], last.repeat(n - 1, 1, 1, 1), out=self._buffer)
+                torch.mul(c.beta[f:], self._init_noise[f:], out=self._t1[f:])
+                self._buffer.add_(self._t1[f:])
         self._refresh_unet_inputs()
 
     def _make_noise(self) -> None:
@@ -227,7 +284,15 @@ class StreamEngine:
             total = math.sqrt(sum(w * w for _, w in seeds))
             noise = sum((p * (w / total) for p, (_, w) in zip(parts, seeds, strict=True)), torch.zeros(shape))
         self._generator = gen
-        self._init_noise = noise.to(device=self.device, dtype=self.dtype)
+        current = getattr(self, "_init_noise", None)
+        if current is None or tuple(current.shape) != shape:
+            self._init_noise = torch.empty(shape, device=self.device, dtype=self.dtype)
+            self._next_noise = torch.empty_like(self._init_noise)
+        self._init_noise.copy_(noise)
+        # Residual memory: row i moves on to slot i+1's fixed noise; the last wraps to slot 0.
+        f = self.frame_buffer_size
+        self._next_noise[:-f].copy_(self._init_noise[f:])
+        self._next_noise[-f:].copy_(self._init_noise[:f])
 
     def _seed_noise(self, seed: int, shape: tuple[int, ...]) -> Tensor:
         cached = self._noise_cache.get(seed)
@@ -251,7 +316,7 @@ class StreamEngine:
         def rows(v: Tensor) -> Tensor:  # (n,) -> (n*f, 1, 1, 1)
             return v.repeat_interleave(f).view(-1, 1, 1, 1).to(device=self.device, dtype=self.dtype)
 
-        self._coefs = StepCoefs(
+        coefs = StepCoefs(
             alpha=rows(alpha),
             beta=rows(beta),
             c_skip=rows(c_skip),
@@ -259,23 +324,32 @@ class StreamEngine:
             alpha_next=rows(torch.cat([alpha[1:], one])),
             beta_next=rows(torch.cat([beta[1:], one])),
         )
-        self._sub_timesteps = torch.tensor(taus, dtype=torch.long).repeat_interleave(f).to(self.device)
-        # Residual memory: row i moves on to slot i+1's fixed noise; the last wraps to slot 0.
-        self._next_noise_index = torch.arange(self.num_steps * f).roll(-f).to(self.device)
+        timesteps = torch.tensor(taus, dtype=torch.long).repeat_interleave(f).to(self.device)
+        current = getattr(self, "_coefs", None)
+        if current is None or current.alpha.shape != coefs.alpha.shape:
+            self._coefs, self._sub_timesteps = coefs, timesteps
+        else:  # same count: new values into the same buffers
+            for old, new in zip(current.as_tuple(), coefs.as_tuple(), strict=True):
+                old.copy_(new)
+            self._sub_timesteps.copy_(timesteps)
 
     # ------------------------------------------------------------------ conditioning
     @property
     def _guided(self) -> bool:
         return self.cfg_type is not CfgType.NONE and self.guidance_scale > 1.0
 
-    def _unet_inputs(self, timesteps: Tensor, *, holds_newest: bool) -> _UNetInputs:
-        """UNet arguments for rows at `timesteps`, with the negative rows the mode needs now.
-        `holds_newest`: the first f rows are the newest frame (where `initialize` adds its row)."""
+    def _unet_inputs(
+        self, timesteps: Tensor, *, holds_newest: bool, force_guided: bool = False
+    ) -> _UNetInputs:
+        """UNet arguments for rows at `timesteps`, with the negative rows the mode needs now
+        (or, `force_guided`, those it needs when guided). `holds_newest`: the first f rows are
+        the newest frame (where `initialize` adds its row)."""
         f, rows = self.frame_buffer_size, timesteps.shape[0]
         cond, uncond = self._cond.repeat(rows), self._uncond
-        if self._guided and self.cfg_type is CfgType.FULL:
+        guided = self._guided or (force_guided and self.cfg_type is not CfgType.NONE)
+        if guided and self.cfg_type is CfgType.FULL:
             parts, ts = [uncond.repeat(rows), cond], torch.cat([timesteps, timesteps])
-        elif self._guided and self.cfg_type is CfgType.INITIALIZE and holds_newest:
+        elif guided and self.cfg_type is CfgType.INITIALIZE and holds_newest:
             parts, ts = [uncond.repeat(f), cond], torch.cat([timesteps[:f], timesteps])
         else:
             parts, ts = [cond], timesteps
@@ -289,10 +363,27 @@ class StreamEngine:
         return _UNetInputs(ts, embeds, added)
 
     def _refresh_unet_inputs(self) -> None:
-        """Rebuild the prepared UNet arguments after a change of prompt, guidance or steps."""
+        """Write the prepared UNet arguments after a change of prompt, guidance or steps.
+
+        Stream batch: timesteps, embeddings (and SDXL's pooled/time_ids) sit in buffers laid
+        out as `_unet_x` is, negative rows first; they are written in place, and the UNet reads
+        the slice for the current guidance (all rows, or the n*f conditional ones)."""
         f = self.frame_buffer_size
         if self.use_denoising_batch:
-            self._batch_inputs = self._unet_inputs(self._sub_timesteps, holds_newest=True)
+            full = self._unet_inputs(self._sub_timesteps, holds_newest=True, force_guided=True)
+            if self._embeds is None or self._embeds.shape != full.embeds.shape:
+                self._timesteps = full.timesteps.clone()
+                self._embeds = full.embeds.clone()
+                self._added = None if full.added is None else {k: v.clone() for k, v in full.added.items()}
+            else:
+                self._timesteps.copy_(full.timesteps)
+                self._embeds.copy_(full.embeds)
+                if self._added is not None and full.added is not None:
+                    for key, value in full.added.items():
+                        self._added[key].copy_(value)
+            skip = self._extra_rows if not self._guided else 0
+            added = None if self._added is None else {k: v[skip:] for k, v in self._added.items()}
+            self._batch_inputs = _UNetInputs(self._timesteps[skip:], self._embeds[skip:], added)
         else:
             self._step_inputs = [
                 self._unet_inputs(self._sub_timesteps[i * f : (i + 1) * f], holds_newest=i == 0)
@@ -324,12 +415,14 @@ class StreamEngine:
         """New guidance; crossing 1.0 adds or drops the negative rows of `full`/`initialize`."""
         self._require_prepared()
         self.guidance_scale = self._check_guidance(guidance_scale)
+        self._g.fill_(self.guidance_scale)
         self._refresh_unet_inputs()
 
     def set_delta(self, delta: float) -> None:
         """New residual-CFG delta (the weight of the virtual negative)."""
         self._require_prepared()
         self.delta = self._check_delta(delta)
+        self._delta.fill_(self.delta)
 
     def set_t_index_list(self, t_index_list: Sequence[int]) -> None:
         """New t_index values; a different count resizes the in-flight buffers."""
@@ -397,35 +490,48 @@ class StreamEngine:
 
         `image`: (f, 3, H, W) float tensor in [0, 1], or uint8 array (H, W, 3|4) / (f, H, W, 3|4);
         None means txt2img. Returns, per `output_type`: "pt" a (f, 3, H, W) float tensor in
-        [0, 1]; "uint8" an (H, W, 4) uint8 array on the host ((f, H, W, 4) when f > 1);
-        "latent" the (f, 4, H/8, W/8) x0 latent before decoding.
+        [0, 1]; "uint8" an (H, W, 4) uint8 array on the host ((f, H, W, 4) when f > 1), a slot
+        of the output ring (valid until `output_ring_depth - 1` more frames, see OutputRing);
+        "latent" the (f, 4, H/8, W/8) x0 latent before decoding. "pt" and "latent" are copies.
+
+        The exact path (stream batch, model-size input, TAESD-like VAE, uint8 out) allocates no
+        tensor outside the UNet and VAE, rebinds no state, reads one scalar (the similarity
+        score, when the filter is on) and copies to the host once.
         """
         self._require_prepared()
         if output_type not in ("pt", "uint8", "latent"):
             raise ValueError(f"output_type must be 'pt', 'uint8' or 'latent', got {output_type!r}")
         self.stats.frames += 1
-        f = self.frame_buffer_size
+        f, c, newest = self.frame_buffer_size, self._coefs, self._newest
 
         # 1. Input: normalise to [-1, 1] at model size; the similarity filter may end here.
         if image is not None:
-            pixels = self._preprocess(image)
-            if self.similarity.should_skip(pixels) and self._last_x0 is not None:
+            staging = self._stage(image)
+            pixels = staging.normalise()  # (f, 3, H, W) in [-1, 1]; flat32 holds the same in fp32
+            if self.similarity.should_skip(staging.flat32) and self._has_output:
                 self.stats.skipped += 1
-                return self._output(self._last_x0, output_type, reuse=True)
-            x = self._encode(pixels)
+                return self._output(output_type)
+            z = self._encode(pixels)
             # 2. Noise the new latent to the first timestep with the fixed noise.
-            x = self._coefs.alpha[:f] * x + self._coefs.beta[:f] * self._init_noise[:f]
+            torch.mul(c.alpha[:f], z, out=newest)
+            torch.mul(c.beta[:f], self._init_noise[:f], out=self._t1[:f])
+            newest.add_(self._t1[:f])
         else:
             # txt2img: a fresh seeded latent per frame (reproducible from prepare()).
-            x = torch.randn((f, *self._latent_shape), generator=self._generator).to(self.device, self.dtype)
+            torch.randn(self._txt2img_noise.shape, generator=self._generator, out=self._txt2img_noise)
+            newest.copy_(self._txt2img_noise)
 
         # 3.-6. Denoise: all in-flight steps in one UNet call, or the sequential reference.
-        x0 = self._denoise_batch(x) if self.use_denoising_batch else self._denoise_sequential(x)
-        self._last_x0 = x0
-        self._last = {}
-        return self._output(x0, output_type, reuse=False)
+        if self.use_denoising_batch:
+            self._denoise_batch()
+        else:
+            self._denoise_sequential()
+        self._has_output = True
+        self._version += 1
+        return self._output(output_type)
 
-    def _preprocess(self, image: Tensor | np.ndarray) -> Tensor:
+    def _stage(self, image: Tensor | np.ndarray) -> InputStaging:
+        """Check the input and load it into the staging buffers as fp32 pixels in [0, 1]."""
         f = self.frame_buffer_size
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] not in (3, 4):
@@ -433,31 +539,53 @@ class StreamEngine:
                     f"image array must be uint8 (H, W, 3|4) or (f, H, W, 3|4), got {image.dtype} {image.shape}"
                 )
             batch = image[None] if image.ndim == 3 else image
-            tensor = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
-            tensor = tensor.permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            count, size, kind = batch.shape[0], batch.shape[1:3], "uint8"
         elif isinstance(image, Tensor):
             if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
                 raise ValueError(
                     f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
                 )
-            tensor = image.to(device=self.device, dtype=self.dtype)
+            count, size, kind = image.shape[0], tuple(image.shape[-2:]), "float"
         else:
             raise TypeError(
                 f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}"
             )
-        if tensor.shape[0] != f:
-            raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {tensor.shape[0]}")
-        if tensor.shape[-2:] != (self.height, self.width):
-            tensor = torch.nn.functional.interpolate(
-                tensor, size=(self.height, self.width), mode="bilinear", align_corners=False
+        if count != f:
+            raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {count}")
+        channels = batch.shape[-1] if kind == "uint8" else 3
+        staging = self._staging.get((kind, channels))
+        if staging is None:
+            staging = InputStaging(
+                kind,
+                f=f,
+                height=self.height,
+                width=self.width,
+                channels=channels,
+                device=self.device,
+                dtype=self.dtype,
             )
-        return tensor * 2.0 - 1.0  # (f, 3, H, W) in [-1, 1]
+            self._staging[(kind, channels)] = staging
+        if tuple(size) != (self.height, self.width):  # not the static path: resize, then stage
+            if kind == "uint8":
+                pixels = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
+                pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
+            else:
+                pixels = image.to(device=self.device, dtype=torch.float32)  # type: ignore[union-attr]
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(self.height, self.width), mode="bilinear", align_corners=False
+            )
+            staging.pix32.copy_(pixels)
+        elif kind == "uint8":
+            staging.load_bytes(batch)
+        else:
+            staging.pix32.copy_(image)  # type: ignore[arg-type]
+        return staging
 
     def _encode(self, pixels: Tensor) -> Tensor:
         self.stats.vae_encodes += 1
         encoded = self.pipe.vae.encode(pixels)
         latent: Tensor = encoded.latent_dist.sample(self._generator) if self._vae_is_kl else encoded.latents
-        return latent * self._vae_scale  # (f, 4, H/8, W/8)
+        return torch.mul(latent, self._vae_scale, out=self._z)  # (f, 4, H/8, W/8)
 
     def _unet(self, x: Tensor, inputs: _UNetInputs) -> Tensor:
         self.stats.unet_calls += 1
@@ -470,45 +598,78 @@ class StreamEngine:
         )[0]
         return pred
 
+    def _denoise_batch(self) -> None:
+        """Steps 3-6 on the stream batch, in place: `_batch` (rows by step, the newest frame's
+        latent in rows :f) -> `_x0`, the next `_buffer` and the next `_stock`."""
+        f, n, c = self.frame_buffer_size, self.num_steps, self._coefs
+        batch, stock, noise, t1, t2, t32 = (
+            self._batch,
+            self._stock,
+            self._init_noise,
+            self._t1,
+            self._t2,
+            self._t32,
+        )
+        # 3. Shift the residual memory: the newest rows start from slot 0's fixed noise.
+        if n > 1:
+            t1[:-f].copy_(stock[:-f])
+            stock[f:].copy_(t1[:-f])
+            stock[:f].copy_(noise[:f])
+        # 4. One UNet call: the negative rows the guidance needs run in front (the same latents).
+        inputs = self._batch_inputs
+        extra = inputs.timesteps.shape[0] - batch.shape[0]  # 0, f (initialize) or n*f (full)
+        model_in = self._unet_x[self._extra_rows - extra :]
+        if extra:
+            model_in[:extra].copy_(batch[:extra])
+        pred = self._unet(model_in, inputs)
+        eps_c = pred[extra:]
+        eps = eps_c
+        if self._guided:
+            if self.cfg_type is CfgType.FULL:
+                eps_u = pred[:extra]
+            else:
+                if self.cfg_type is CfgType.INITIALIZE:
+                    stock[:f].copy_(pred[:f])  # the real negative of the newest frame
+                eps_u = scale_(stock, self._delta, out=t2, tmp32=t32)  # the virtual negative
+            eps = guide_(eps_c, eps_u, self._g, out=self._eps, tmp=t1, tmp32=t32)
+        # 5. The LCM step for every row; the last f rows are the frames leaving now.
+        lcm_x0_(eps, batch, c, out=self._x0, tmp=t1)
+        if self.cfg_type.residual:
+            residual_stock_(eps, stock, c, self._next_noise, tmp=t1, tmp2=t2)
+        # 6. The frames in flight move on one step, re-noised with the next slot's fixed noise.
+        if n > 1:
+            torch.mul(c.alpha[f:], self._x0[:-f], out=self._buffer)
+            if self.do_add_noise:
+                torch.mul(c.beta[f:], noise[f:], out=t1[f:])
+                self._buffer.add_(t1[f:])
+
     def _step(
         self, x: Tensor, inputs: _UNetInputs, coefs: StepCoefs, stock: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One UNet call with guidance and the LCM step. Returns (x0, eps, stock), where stock
-        has its first f rows replaced by the real negative in `initialize` mode."""
+        """Sequential reference: one UNet call with guidance and the LCM step. Returns
+        (x0, eps, stock), where stock has its first f rows replaced by the real negative in
+        `initialize` mode."""
         f, rows = self.frame_buffer_size, x.shape[0]
-        extra = inputs.timesteps.shape[0] - rows  # negative rows run in front: 0, f or rows
+        extra = inputs.timesteps.shape[0] - rows  # negative rows run in front: 0 or f
         model_in = x if extra == 0 else torch.cat([x[:extra], x]) if extra == f else torch.cat([x, x])
         pred = self._unet(model_in, inputs)
         eps_c = pred[extra:]
         eps = eps_c
         if self._guided:
             if self.cfg_type is CfgType.FULL:
-                eps = guide(eps_c, pred[:extra], self.guidance_scale)
+                eps = guide(eps_c, pred[:extra], self._g)
             else:
                 if self.cfg_type is CfgType.INITIALIZE and extra:
                     stock = torch.cat([pred[:extra], stock[extra:]])
-                eps = guide(eps_c, self.delta * stock, self.guidance_scale)
+                virtual = scale_(stock, self._delta, out=torch.empty_like(stock), tmp32=stock.float().clone())
+                eps = guide(eps_c, virtual, self._g)
         return lcm_x0(eps, x, coefs), eps, stock
 
-    def _denoise_batch(self, x: Tensor) -> Tensor:
-        f, n = self.frame_buffer_size, self.num_steps
-        batch = torch.cat([x, self._buffer]) if n > 1 else x  # (n*f, 4, h, w) at tau_0..tau_{n-1}
-        if n > 1:
-            self._stock = torch.cat([self._init_noise[:f], self._stock[:-f]])
-        x0, eps, stock = self._step(batch, self._batch_inputs, self._coefs, self._stock)
-        if self.cfg_type.residual:
-            self._stock = residual_stock(eps, stock, self._coefs, self._init_noise[self._next_noise_index])
-        if n == 1:
-            return x0
-        kept = self._coefs.alpha[f:] * x0[:-f]
-        self._buffer = kept + self._coefs.beta[f:] * self._init_noise[f:] if self.do_add_noise else kept
-        return x0[-f:]
-
-    def _denoise_sequential(self, x: Tensor) -> Tensor:
+    def _denoise_sequential(self) -> None:
         f, n = self.frame_buffer_size, self.num_steps
         # The residual memory follows the frame, as it does through the batch rows.
         stock = self._init_noise[:f] if n > 1 else self._seq_stock
-        x0 = x
+        x = x0 = self._newest.clone()
         for i in range(n):
             coefs = self._coefs.rows(i * f, (i + 1) * f)
             x0, eps, stock = self._step(x, self._step_inputs[i], coefs, stock)
@@ -523,30 +684,29 @@ class StreamEngine:
                     else kept
                 )
         self._seq_stock = stock
-        return x0
+        self._last_x0.copy_(x0)
 
-    def _output(self, x0: Tensor, output_type: OutputType, *, reuse: bool) -> Any:
+    def _output(self, output_type: OutputType) -> Any:
+        """The last processed frame as `output_type`, decoded and converted at most once."""
         if output_type == "latent":
-            return x0
-        cached = self._last.get(output_type) if reuse else None
-        if cached is not None:
-            return cached
-        image = self._last.get("pt") if reuse else None
-        if image is None:
+            return self._last_x0.clone()
+        if self._image_version != self._version:
             self.stats.vae_decodes += 1
-            decoded = self.pipe.vae.decode(x0 / self._vae_scale, return_dict=False)[0]
-            image = (decoded / 2 + 0.5).clamp(0, 1)  # (f, 3, H, W)
-            self._last["pt"] = image
+            torch.div(self._last_x0, self._vae_scale, out=self._dec_in)
+            decoded = self.pipe.vae.decode(self._dec_in, return_dict=False)[0]
+            torch.div(decoded, 2, out=self._image).add_(0.5).clamp_(0, 1)  # (f, 3, H, W)
+            self._image_version = self._version
         if output_type == "pt":
-            return image
-        # uint8: convert on the device, then one copy to the host (the documented sync).
-        f = image.shape[0]
-        rgba = torch.full((f, self.height, self.width, 4), 255, dtype=torch.uint8, device=image.device)
-        rgba[..., :3] = (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        host = rgba.cpu().numpy()
-        result = host[0] if f == 1 else host
-        self._last["uint8"] = result
-        return result
+            return self._image.clone()
+        if self._ring_version != self._version:
+            # uint8 on the device, rounded in fp32 (diffusers' postprocess does it in numpy
+            # float32; in fp16 about 4% of the pixels would land one level off), then the one
+            # copy to the host, into the next ring slot.
+            self._image32.copy_(self._image).mul_(255).round_()
+            self._ring.device_rgb.copy_(self._image32_nhwc)
+            self._ring.publish()
+            self._ring_version = self._version
+        return self._ring.current()
 
     def current_prompt(self) -> PromptSpec:
         """The prompt (or blend) in effect."""

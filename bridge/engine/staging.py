@@ -1,0 +1,100 @@
+"""Fixed buffers for a frame's way in (pixels) and out (the uint8 frame on the host).
+
+Allocated once per layout, then only written in place, so a frame allocates nothing and a
+captured graph can keep their addresses. Host buffers are pinned where CUDA exists (so the
+copies can run asynchronously); on a CPU-only machine they are plain memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _host(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+class InputStaging:
+    """The pixels of one input kind at model size, from the caller's frame to the encoder's input.
+
+    `kind` "uint8": (f, H, W, C) bytes; the fp32 and model-dtype pixels keep the channels-last
+    strides of the permuted bytes, as diffusers' own path (numpy -> permuted tensor) has them,
+    so the VAE sees the same layout as in the original. `kind` "float": (f, 3, H, W) NCHW.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        f: int,
+        height: int,
+        width: int,
+        channels: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.kind = kind
+        if kind == "uint8":
+            self.host = _host((f, height, width, channels), torch.uint8, device)
+            self.bytes = self.host if device.type == "cpu" else torch.empty_like(self.host, device=device)
+            self.bytes_nchw = self.bytes[..., :3].permute(0, 3, 1, 2)  # (f, 3, H, W) view
+            base32 = torch.empty((f, height, width, 3), dtype=torch.float32, device=device)
+            self.pix32 = base32.permute(0, 3, 1, 2)
+            self.pixels = torch.empty((f, height, width, 3), dtype=dtype, device=device).permute(0, 3, 1, 2)
+        else:
+            base32 = torch.empty((f, 3, height, width), dtype=torch.float32, device=device)
+            self.pix32 = base32
+            self.pixels = torch.empty((f, 3, height, width), dtype=dtype, device=device)
+        self.flat32 = base32.view(-1)  # every value once, for the similarity filter
+
+    def load_bytes(self, frames: np.ndarray) -> None:
+        """(f, H, W, C) uint8 -> pix32 in [0, 1]: one host copy, one H2D copy, x / 255 in fp32."""
+        if any(stride < 0 for stride in frames.strides):  # a flipped view: torch takes none
+            frames = np.ascontiguousarray(frames)
+        with warnings.catch_warnings():  # read-only frames are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(frames)
+        self.host.copy_(src)
+        if self.bytes is not self.host:
+            self.bytes.copy_(self.host, non_blocking=True)
+        torch.div(self.bytes_nchw, 255.0, out=self.pix32)
+
+    def normalise(self) -> Tensor:
+        """pix32 [0, 1] -> pixels [-1, 1]: in fp32, then one cast (as VaeImageProcessor + .to())."""
+        self.pix32.mul_(2.0).sub_(1.0)
+        return self.pixels.copy_(self.pix32)
+
+
+class OutputRing:
+    """`depth` host slots for the finished (f, H, W, 4) uint8 frame, used in turn.
+
+    Contract: the array returned for a frame stays untouched until `depth - 1` more frames have
+    been converted; then its slot is written again. A consumer that may hold a frame longer
+    (a sink thread, a mailbox, a "held" output) must copy it. A skipped frame returns the same
+    array again without advancing the ring.
+    """
+
+    def __init__(self, *, depth: int, f: int, height: int, width: int, device: torch.device) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+            raise ValueError(f"output ring depth must be an int >= 2, got {depth!r}")
+        shape = (f, height, width, 4)
+        self.device_rgba = torch.empty(shape, dtype=torch.uint8, device=device)
+        self.device_rgba[..., 3] = 255  # opaque, written once
+        self.device_rgb = self.device_rgba[..., :3]  # (f, H, W, 3) view
+        self.slots = [_host(shape, torch.uint8, device) for _ in range(depth)]
+        arrays = [slot.numpy() for slot in self.slots]
+        self.arrays: list[np.ndarray] = [a[0] if f == 1 else a for a in arrays]
+        self.index = -1
+
+    def publish(self) -> np.ndarray:
+        """Copy `device_rgba` into the next slot (the frame's one device-to-host copy)."""
+        self.index = (self.index + 1) % len(self.slots)
+        self.slots[self.index].copy_(self.device_rgba)
+        return self.arrays[self.index]
+
+    def current(self) -> np.ndarray:
+        return self.arrays[self.index]
