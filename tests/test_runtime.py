@@ -132,6 +132,28 @@ def test_failing_and_blocking_sinks_stall_nothing(tiny_pipe: Any) -> None:
     assert blocking.closed == good.closed == 1
 
 
+class HoldingSink(RecordingSink):
+    """Keeps its first frame in hand, as a write that blocks does, and notes what it held."""
+
+    def write(self, frame: Frame) -> None:
+        if not self.frames:
+            self.held = frame.pixels.copy()
+            self.unblock.wait(120.0)
+        super().write(frame)
+
+
+def test_a_frame_an_output_holds_is_never_overwritten(tiny_pipe: Any) -> None:
+    """The engine hands out uint8 frames from a small host ring; an output that holds one for
+    longer than the ring is deep must still see the pixels it was given."""
+    source, good, holding = GatedSource(), RecordingSink(), HoldingSink()
+    overrides = [*CONFIG, "params.ssf.enabled=false"]  # every frame a new engine frame
+    with running(tiny_pipe, overrides, [("holding", holding), ("good", good)], source) as (_, infos):
+        wait_for(lambda: sum(info.kind == "engine" for info in infos) >= 24)  # 3 times the ring
+        holding.unblock.set()
+        wait_for(lambda: len(holding.frames) >= 1)
+    assert np.array_equal(holding.frames[0].pixels, holding.held)
+
+
 class FlakySink(RecordingSink):
     """Fails to open `open_failures` times, then fails `write_failures` writes, then works."""
 

@@ -340,6 +340,10 @@ class Bridge:
                         self._refresh_status()
                     engine_ms = 1000 * (time.perf_counter() - t_start)
                     kind = "skipped" if engine.stats.skipped > skipped_before else "engine"
+                    # The engine's uint8 frame is a slot of its host ring, written again a few
+                    # frames later; an output may hold a frame longer than that (a write that
+                    # blocks), so the outputs get the bridge's own copy.
+                    out = out.copy()
             # an output frame keeps the seq and capture time of the input it was made from
             last_out = Frame(out, frame.seq, frame.t_capture)
             pacer.wait(hold_period_s * 4)  # pace the output, never waiting unboundedly
