@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_fields, mapping_yaml
-from bridge.params import BY_NAME, LIVE, Kind, ParamError, coerce
+from bridge.params import BY_NAME, LIVE, SHOWN_CHARS, Kind, ParamError, coerce, cut, shown
 from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS
 
 
@@ -133,19 +133,7 @@ class BridgeConfig:
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; a real config is a few KB
 MAX_YAML_ALIASES = 100  # `*name` uses in one document; a real config needs a handful
 MAX_YAML_NODES = 100_000  # nodes once every alias is expanded; a real config has a few hundred
-MAX_SHOWN = 200  # characters of a value quoted in an error message
-
-
-def shown(value: Any) -> str:
-    """`repr(value)` cut to about `MAX_SHOWN` characters, for error messages."""
-    return cut(repr(value))
-
-
-def cut(text: str, limit: int = MAX_SHOWN) -> str:
-    """`text` cut to `limit` characters, saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters in all)"
+MAX_SHOWN = SHOWN_CHARS  # characters of a value quoted in an error message
 
 
 class _BoundedLoader(yaml.SafeLoader):

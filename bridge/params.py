@@ -27,12 +27,15 @@ MAX_BLEND_ENTRIES = 16  # each new text is one text-encoder call before the blen
 SHOWN_CHARS = 200  # values quoted in error messages are cut to this
 
 
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` for an error message or status: at most `limit` characters, saying how much was
+    left out. The one cut every part uses (config, OSC, HTTP, the runtime's status)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
 def shown(value: Any) -> str:
-    """`repr(value)` cut to about `SHOWN_CHARS` characters, for error messages."""
-    text = repr(value)
-    if len(text) <= SHOWN_CHARS:
-        return text
-    return f"{text[: SHOWN_CHARS - 30]}... ({len(text)} characters)"
+    """`repr(value)` cut to `SHOWN_CHARS` characters, for error messages."""
+    return cut(repr(value))
 
 
 class Kind(enum.Enum):

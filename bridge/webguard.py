@@ -34,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from bridge.params import cut
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes; a form with a long prompt fits many times over
@@ -45,11 +47,6 @@ TOKEN_COOKIE = "sdbridge_token"
 TOKEN_HEADER = "X-Sdbridge-Token"
 WILDCARDS = ("", "0.0.0.0", "::")
 _DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def cut(text: str, limit: int = 200) -> str:
-    """`text` shortened to `limit` characters for an error message."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_loopback(host: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bridge.engine import StreamEngine
-from bridge.engine.onnx_export import (
+from bridge.engine.accel.onnx_export import (
     BATCH,
     TensorSpec,
     export_onnx,

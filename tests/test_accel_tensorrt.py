@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from bridge.engine import tensorrt_backend
-from bridge.engine.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
-from bridge.engine.onnx_export import Component, unet_spec, vae_decoder_spec, vae_encoder_spec
-from bridge.engine.tensorrt_backend import (
+from bridge.engine.accel import tensorrt as tensorrt_backend
+from bridge.engine.accel.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
+from bridge.engine.accel.onnx_export import Component, unet_spec, vae_decoder_spec, vae_encoder_spec
+from bridge.engine.accel.tensorrt import (
     BuildCancelled,
     BuildProgress,
     LoadFailed,

@@ -17,7 +17,7 @@ from PIL import Image
 from bridge.config import SinkConfig, SourceConfig
 from bridge.frames import Frame, PixelFormat, fit, from_format, to_format
 from bridge.params import table
-from bridge.transports.base import MissingExtra, SinkContext
+from bridge.transports.base import MissingExtra, SinkContext, TransportUnavailable
 from bridge.transports.registry import open_sink, open_source
 from bridge.transports.synthetic import test_pattern as pattern_frame
 
@@ -198,8 +198,9 @@ def _raises(request: urllib.request.Request) -> urllib.error.HTTPError:
 def test_preview_busy_port_names_the_fix() -> None:
     first = open_sink(SinkConfig(kind="preview", port=0), SinkContext())
     try:
-        with pytest.raises(
-            OSError, match=r"the preview cannot listen on http://127\.0\.0\.1:\d+/: .*extra_outputs\.0\.port"
+        with pytest.raises(  # final: a port another process holds stays taken
+            TransportUnavailable,
+            match=r"the preview cannot listen on http://127\.0\.0\.1:\d+/: .*extra_outputs\.0\.port",
         ):
             open_sink(SinkConfig(kind="preview", port=first.port), SinkContext())  # type: ignore[attr-defined]
     finally:

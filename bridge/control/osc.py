@@ -38,6 +38,7 @@ from bridge.params import (
     ParamStore,
     coerce,
     coerce_norm,
+    cut,
     osc_args,
     shown,
 )
@@ -258,7 +259,7 @@ class OscControl:
         self._reply_error(address, reason, sender)
 
     def _reply_error(self, address: str, reason: str, sender: Address | None) -> None:
-        address = address if len(address) <= 200 else f"{address[:170]}... ({len(address)} characters)"
+        address = cut(address)
         self.last_error = f"{address}: {reason}"
         datagram = encode(ERROR_ADDRESS, [address, reason])
         targets = {*self._error_targets, *([sender] if sender else [])}

@@ -29,7 +29,8 @@ from bridge.control import oscquery_listen
 from bridge.control.osc import OscControl
 from bridge.control.oscquery_listen import Listeners
 from bridge.control.oscquery_tree import ATTRIBUTES, build_tree, current_values, find, route_norm
-from bridge.webguard import MAX_CONNECTIONS, TIMEOUT_S, GuardedHandler, GuardedServer, Refusal, cut
+from bridge.params import cut
+from bridge.webguard import MAX_CONNECTIONS, TIMEOUT_S, GuardedHandler, GuardedServer, Refusal
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.control.osc import encode
-from bridge.webguard import GuardedHandler, Refusal, cut
+from bridge.params import cut
+from bridge.webguard import GuardedHandler, Refusal
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bridge.params import ParamStore
+from bridge.params import ParamStore, cut
 from bridge.runtime.controls import Controls
 from bridge.runtime.driver import EngineDriver
 from bridge.runtime.encoding import ENCODED, PromptEncoder
@@ -88,8 +88,3 @@ class LiveValues:
         if not self._encoding:
             return self._applied_version
         return min(self._applied_version, min(self._encoding.values()) - 1)
-
-
-def cut(text: str, limit: int = 200) -> str:
-    """`text` for a message, cut to `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -23,11 +23,11 @@ from bridge.config import BridgeConfig
 from bridge.control.osc import OscControl
 from bridge.control.status import Status
 from bridge.frames import Frame, fit
-from bridge.params import BY_NAME, ParamError, ParamStore, coerce, table, text_args
+from bridge.params import BY_NAME, ParamError, ParamStore, coerce, cut, table, text_args
 from bridge.runtime.capture import CaptureRunner
 from bridge.runtime.controls import Controls
 from bridge.runtime.driver import EngineDriver, initial_values, load_engine
-from bridge.runtime.live import LiveValues, cut
+from bridge.runtime.live import LiveValues
 from bridge.runtime.mailbox import Mailbox
 from bridge.runtime.sinks import SINK_OPEN_WAIT_S, SinkRunner, sink_label, sink_problem
 from bridge.runtime.status import OutputInfo, OutputRecord, dropped_at

@@ -91,7 +91,7 @@ _SHM_NAME_MAX = 24 if sys.platform == "darwin" else 200
 def _shm_name_problem(key: str, name: str) -> str:
     if _SHM_NAME.fullmatch(name) and len(name) <= _SHM_NAME_MAX:
         return ""
-    from bridge.config import shown
+    from bridge.params import shown
 
     return (
         f"{key} {shown(name)} is not a usable shared memory name: use 1 to {_SHM_NAME_MAX} letters, "
@@ -103,7 +103,7 @@ def precheck_source(cfg: SourceConfig) -> str:
     """What is wrong with the input `cfg` that can be told without opening it ("" when
     nothing is): a missing or unreadable image or video file, a camera device that does not
     exist, a bad shared memory name. Cheap: run it before the model loads."""
-    from bridge.config import shown
+    from bridge.params import shown
 
     kind = cfg.kind
     if kind in ("image", "video"):
@@ -138,7 +138,7 @@ def _image_problem(path: Path) -> str:
         with Image.open(path) as img:
             img.verify()  # reads the header and checks the structure, without decoding pixels
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        from bridge.config import shown
+        from bridge.params import shown
 
         return (
             f"input.path {shown(str(path))} is not an image Pillow can read ({type(exc).__name__}); "
@@ -154,7 +154,7 @@ def precheck_sink(cfg: SinkConfig, key: str = "output") -> str:
     if cfg.kind == "shm":
         return _shm_name_problem(f"{key}.name", cfg.name or "sdbridge_out")
     if cfg.kind == "virtualcam" and cfg.device and sys.platform == "linux" and not Path(cfg.device).exists():
-        from bridge.config import shown
+        from bridge.params import shown
 
         devices = ", ".join(camera_devices()) or "none"
         return f"{key}.device {shown(cfg.device)} does not exist (video devices here: {devices})"

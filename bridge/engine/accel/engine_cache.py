@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bridge.engine.onnx_export import ExportSpec
+from bridge.engine.accel.onnx_export import ExportSpec
 
 KEY_FORMAT = 1  # bump when the key's fields change meaning
 

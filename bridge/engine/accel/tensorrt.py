@@ -32,14 +32,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from bridge.engine.engine_cache import (
+from bridge.engine.accel.engine_cache import (
     BuilderSettings,
     DeviceInfo,
     EngineCache,
     EngineKey,
     weights_digest,
 )
-from bridge.engine.onnx_export import (
+from bridge.engine.accel.onnx_export import (
     BATCH,
     Component,
     ExportModule,
