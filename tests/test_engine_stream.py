@@ -118,7 +118,7 @@ def test_full_mode_equals_textbook_cfg_from_two_passes(tiny_pipe: Any) -> None:
     alpha, beta = acp.sqrt(), (1 - acp).sqrt()
     c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(tau)
     with torch.no_grad():
-        z = tiny_pipe.vae.encode(image * 2 - 1).latents
+        z = tiny_pipe.vae.encode(image * 2 - 1).latents * tiny_pipe.vae.config.scaling_factor
         noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(9))
         x = alpha * z + beta * noise
         cond, _ = tiny_pipe.encode_prompt("oil painting of a forest", "cpu", 1, False)

@@ -12,15 +12,17 @@ same `from_pretrained` path as any real model. Nothing is downloaded.
 
 Calibration. `tiny` and `tiny-sdxl` (TAESD-like VAE) are built to show their input: the VAE is
 not random but close to an identity at 1/8 resolution (2x2 averages down, luminance twice and
-two colour differences as latents of spread `_LATENT_STD`, a least-squares colour estimate and
-smoothed upsampling back), and the UNet's prediction is a real, if crude, noise estimate: a
+two colour differences as latents of spread `_LATENT_STD` as the UNet sees them, 1/8 of that
+inside the VAE, where its decoder's 3 * tanh(z / 3) is linear; a least-squares colour estimate
+and smoothed upsampling back), and the UNet's prediction is a real, if crude, noise estimate: a
 high-pass of its input, normalised by the output norm and fitted in closed form to the noise
-actually added, plus the random deep path (its cross-attention strengthened until a change of
-prompt moves it by 90% of its spread) scaled to `_EPS_STD`, which carries prompt and seed. At the
-default config an image input's luminance then correlates with the output's at 0.67 to 0.80
-(it was -0.14 to 0.02 with a random VAE). `tiny-sd21` keeps a random AutoencoderKL whose kernels
-are made smooth, a UNet and decoder whose last layers are rescaled so latents and noise
-predictions have unit spread and pixels sit inside [0, 1].
+actually added, plus the random deep path (blind to the picture's levels, its cross-attention
+strengthened until a change of prompt moves it by 90% of its spread) scaled to `_EPS_STD`, which
+carries prompt and seed. At the default config an image input's luminance then correlates with
+the output's at 0.75 to 0.92 on still images of shapes, patterns, scenes and gradients, dark,
+light or mid-grey (it was -0.14 to 0.02 with a random VAE). `tiny-sd21` keeps a random
+AutoencoderKL whose kernels are made smooth, a UNet and decoder whose last layers are rescaled
+so latents and noise predictions have unit spread and pixels sit inside [0, 1].
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Bump when the generated weights or layout change, so stale caches are rebuilt, not reused.
-TINY_FORMAT_VERSION = 4
+TINY_FORMAT_VERSION = 5
 TINY_VARIANTS: dict[str, str] = {"tiny": "sd15", "tiny-sd21": "sd21", "tiny-sdxl": "sdxl"}
 TINY_RESOLUTION = 256  # the native size of the tiny models, in pixels (latent 32x32)
 _SEED = 20231220  # StreamDiffusion's arXiv date; any fixed value would do
@@ -50,10 +52,18 @@ _PROMPT_SHARE_TINY_VAE = 0.9
 # The spread of the tiny (TAESD-like) models' noise prediction: large enough that prompt and seed
 # change the frame visibly, small enough that the input still shows through.
 _EPS_STD = 1.0
-# The spread of the tiny (TAESD-like) VAE's latents. A trained UNet removes nearly all the noise
-# an img2img step adds; ours removes only its high-frequency part, so a wider latent spread (SD's
-# is about 1) keeps the picture ahead of the noise at the default strength, as in a real model.
-_LATENT_STD = 2.0
+# The spread of the tiny (TAESD-like) models' latents, as the UNet sees them. A trained UNet
+# removes nearly all the noise an img2img step adds; ours removes only its high-frequency part,
+# so a wider latent spread (SD's is about 1) keeps the picture ahead of the noise at the default
+# strength, as in a real model: at 3, shapes on a light ground correlate at 0.75 (0.69 at 2).
+_LATENT_STD = 3.0
+# AutoencoderTiny's decoder squashes its latents with 3 * tanh(z / 3) before anything else, so
+# latents of spread 2 or more lose up to a third of a bright (or dark) region's level, and the
+# output's brightness stops following the input's. The tiny VAE's own latents are kept small, spread
+# _LATENT_STD / _TINY_VAE_SCALE, where 3 * tanh(z / 3) = z within 1%; its scaling factor, which
+# the engine multiplies in after encoding and divides out before decoding, brings the UNet's
+# latents to _LATENT_STD.
+_TINY_VAE_SCALE = 8.0
 # The noise variance a denoising step leaves in the latents, as the tiny decoder assumes it.
 _DECODE_NOISE = 1.0
 _VOCAB_WORDS = [
@@ -229,6 +239,7 @@ def _vae(family: str) -> Any:
         # slow per FLOP on CPUs, and the full-resolution ones would otherwise dominate.
         num_encoder_blocks=(0, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 0),
+        scaling_factor=_TINY_VAE_SCALE,
     )
 
 
@@ -314,7 +325,7 @@ def _calibrate(pipe: Any, family: str) -> None:
 
     unet = pipe.unet
     sched = LCMScheduler.from_config(pipe.scheduler.config)
-    clean = vae.encode(images).latents if tiny_vae else vae.encode(images).latent_dist.mean * scale
+    clean = (vae.encode(images).latents if tiny_vae else vae.encode(images).latent_dist.mean) * scale
     timesteps = torch.tensor([999, 659, 359, 99])
     acp = sched.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noise = torch.randn(clean.shape, generator=gen)
@@ -366,8 +377,8 @@ _SKIP = 16  # channels of the UNet's last feature map given over to the closed-f
 @torch.no_grad()
 def _high_pass_input(unet: Any) -> None:
     """The UNet's first conv: its first `_SKIP` channels become copies of a 3x3 high-pass of the
-    latent channels (channel j sees latent j % 4); the rest stay random and feed the deep
-    path. White noise is mostly high-frequency and a picture's latents mostly not, so these
+    latent channels (channel j sees latent j % 4); the rest stay random, less their mean, and
+    feed the deep path. White noise is mostly high-frequency and a picture's latents mostly not, so these
     channels carry the noise to predict."""
     high_pass = -torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     high_pass[1, 1] += 1.0
@@ -376,6 +387,10 @@ def _high_pass_input(unet: Any) -> None:
     for j in range(_SKIP):
         conv.weight[j, j % 4] = high_pass
     conv.bias[:_SKIP] = 0.0
+    # The deep path's kernels sum to zero, so it sees edges and noise but not the picture's
+    # levels: otherwise its random response to brightness and smooth gradients is added to the
+    # prediction and takes them out of the frame (a bare gradient correlated at 0.43, 0.81 now).
+    conv.weight[_SKIP:] -= conv.weight[_SKIP:].mean(dim=(2, 3), keepdim=True)
 
 
 @torch.no_grad()
@@ -468,7 +483,8 @@ def _pass_through_vae(vae: Any, images: torch.Tensor) -> None:
     last.weight.zero_()
     last.weight[:, :3, 1, 1] = mix
     last.bias.zero_()
-    _affine_calibrate(last, vae.encode(images).latents, torch.zeros(4), torch.full((4,), _LATENT_STD))
+    scale = float(vae.config.scaling_factor)  # the engine's latents are the VAE's times this
+    _affine_calibrate(last, vae.encode(images).latents, torch.zeros(4), torch.full((4,), _LATENT_STD / scale))
     gain = last.weight[:, :3, 1, 1].clone()  # (4, 3): latent = gain @ rgb01 + bias, on a flat colour
     # The decoder's first conv: the linear least-squares (Wiener) estimate of the colour from the
     # latents, smoothed over 3x3 latent pixels, given the pixels' spread on `images` and the
@@ -479,7 +495,8 @@ def _pass_through_vae(vae: Any, images: torch.Tensor) -> None:
     pixels = rgb01.permute(1, 0, 2, 3).reshape(3, -1)  # (3, N*H*W)
     mean = pixels.mean(dim=1)
     spread = torch.cov(pixels)  # (3, 3)
-    inverse = spread @ gain.T @ torch.linalg.inv(gain @ spread @ gain.T + _DECODE_NOISE * torch.eye(4))
+    noise = _DECODE_NOISE / scale**2 * torch.eye(4)  # in the VAE's own latent units
+    inverse = spread @ gain.T @ torch.linalg.inv(gain @ spread @ gain.T + noise)
     dec_convs: list[Any] = [m for m in dec if isinstance(m, nn.Conv2d)]
     first = dec_convs[0]
     first.weight.zero_()
