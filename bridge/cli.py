@@ -149,10 +149,15 @@ def _run(args: argparse.Namespace) -> int:
 def _start_problems(config: Any) -> list[str]:
     """What stops `config` from starting that can be found before the model loads: the input
     and outputs checked without opening them, and the ports it listens on."""
+    from bridge.config import acceleration_problem
     from bridge.ports import port_problems
     from bridge.transports.registry import precheck_sink, precheck_source
 
     problems = [precheck_source(config.input)]
+    if "cuda_graph" in config.engine.acceleration:
+        import torch
+
+        problems.append(acceleration_problem(config.engine, cuda=torch.cuda.is_available()))
     for i, sink in enumerate(config.outputs):
         problems.append(precheck_sink(sink, "output" if i == 0 else f"extra_outputs.{i - 1}"))
     return [p for p in problems if p] + port_problems(config)

@@ -36,7 +36,7 @@ class EngineConfig:
     width: int = 256
     height: int = 256
     cfg_type: str = "self"  # none | full | self | initialize
-    acceleration: str = "none"  # none | compile (torch.compile)
+    acceleration: str = "none"  # none | compile | cuda_graph | compile+cuda_graph (bridge/engine/accel)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
     frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)
@@ -435,6 +435,11 @@ def _check(config: BridgeConfig) -> None:
         choices = BY_NAME[key].choices
         if getattr(e, key) not in choices:
             fail(f"engine.{key} must be one of {', '.join(choices)}, got {shown(getattr(e, key))}")
+    if "cuda_graph" in e.acceleration and not e.use_denoising_batch:
+        fail(
+            f"engine.acceleration={e.acceleration} captures the stream batch; it needs "
+            "engine.use_denoising_batch: true (the sequential reference is not captured)"
+        )
     if e.dtype not in ("auto", "float16", "float32", "bfloat16"):
         fail(f"engine.dtype must be auto, float16, float32 or bfloat16, got {shown(e.dtype)}")
     if e.frame_buffer_size != 1:
@@ -482,6 +487,24 @@ def _check(config: BridgeConfig) -> None:
             fail(str(exc))
     if "t_index_list" in config.params and "strength" in config.params:
         fail("params.strength and params.t_index_list both set the steps; give one of them")
+
+
+def acceleration_problem(engine: EngineConfig, *, cuda: bool) -> str:
+    """Why `engine.acceleration` cannot run on this machine ("" when it can), given whether torch
+    sees CUDA. Checked before the model loads (`sdbridge run`) and by `doctor`."""
+    if "cuda_graph" not in engine.acceleration:
+        return ""
+    if not cuda:
+        return (
+            f"engine.acceleration={engine.acceleration} needs an NVIDIA GPU with a CUDA build of torch, "
+            "and torch sees no CUDA device here; use acceleration none or compile on this machine"
+        )
+    if engine.device != "auto" and not engine.device.startswith("cuda"):
+        return (
+            f"engine.acceleration={engine.acceleration} captures CUDA graphs, and engine.device is "
+            f"{engine.device}; use device auto or cuda"
+        )
+    return ""
 
 
 def _check_kind(key: str, kind: str, valid: Sequence[str], fail: Any) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, acceleration_problem
 from bridge.ports import listeners, port_problem
 from bridge.transports.registry import (
     SINK_KINDS,
@@ -170,6 +170,8 @@ def check_config(
     device = config.engine.device
     if device.startswith("cuda") and not torch_info["cuda"]:
         problems.append(f"engine.device={device}, but torch sees no CUDA device: {torch_info['note']}")
+    if problem := acceleration_problem(config.engine, cuda=torch_info["cuda"]):
+        problems.append(problem)
     model_problem, model_note = _model_problem(config)
     if model_problem:
         problems.append(model_problem)

@@ -211,9 +211,10 @@ PARAMS: tuple[Param, ...] = (
         "acceleration",
         Kind.CHOICE,
         "none",
-        "model acceleration",
+        "model acceleration: none (eager, exact), compile (torch.compile), cuda_graph (the whole "
+        "frame as one CUDA graph, exact; needs CUDA) or compile+cuda_graph (fastest)",
         live=False,
-        choices=("none", "compile"),
+        choices=("none", "compile", "cuda_graph", "compile+cuda_graph"),
         reload_reason="it rebuilds the model graph",
         label="Acceleration",
     ),

@@ -536,3 +536,39 @@ def test_ctrl_c_while_the_model_loads_stops_the_process(tmp_path: Path) -> None:
         pytest.skip(f"the model loaded before the signal arrived; nothing to stop here: {text[-500:]}")
     assert code == 0 and "stopped after 0 frames" in text
     assert took < 5.0, f"took {took:.1f} s after SIGINT (the contract is 2 s)"
+
+
+def test_a_step_count_change_warms_the_new_layouts_while_the_status_says_warming(tiny_pipe: Any) -> None:
+    """cuda_graph (on the stand-in graph backend): the start captures both guidance layouts; a
+    step-count change captures the new count with the state `warming`, between frames."""
+    from bridge.engine import StreamEngine
+    from bridge.runtime import EngineDriver
+    from tests.fake_cudagraph import StandInGraphs
+
+    backend = StandInGraphs()
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, acceleration="cuda_graph", graph_backend=backend
+    )
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
+    states: list[str] = []
+    set_status = bridge._set_status
+
+    def spy(**fields: Any) -> None:
+        if "state" in fields and (not states or states[-1] != fields["state"]):
+            states.append(fields["state"])
+        set_status(**fields)
+
+    bridge._set_status = spy  # type: ignore[method-assign]
+    with in_background(bridge, start_timeout_s=120) as infos:
+        wait_for(lambda: len(infos) >= 2)
+        assert len(backend.graphs) == 2  # captured at warm-up: unguided and guided
+        assert states == ["loading", "warming", "running"]
+        applied(bridge, infos, t_index_list=(10, 20, 30, 40))
+        assert len(backend.graphs) == 4
+        assert states == ["loading", "warming", "running", "warming", "running"]
+        n = len(infos)
+        applied(bridge, infos, guidance=0.5)  # a crossing: captured already
+        wait_for(lambda: len(infos) >= n + 3)
+        assert len(backend.graphs) == 4
+        assert bridge.status().state == "running"

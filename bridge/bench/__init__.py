@@ -142,7 +142,16 @@ def measure(pipe: Any, config: BenchConfig, steps: int, cfg: str, size: int) -> 
     prompt = "a photo of a cat, oil painting"
 
     def engine_of(batch: bool) -> StreamEngine:
-        engine = StreamEngine(pipe, t_index, width=size, height=size, cfg_type=cfg, use_denoising_batch=batch)
+        engine = StreamEngine(
+            pipe,
+            t_index,
+            width=size,
+            height=size,
+            cfg_type=cfg,
+            use_denoising_batch=batch,
+            acceleration=config.acceleration if batch else "none",
+            cache_dir=config.cache_dir,
+        )
         engine.prepare(prompt, guidance_scale=1.2, delta=1.0, seed=2)
         return engine
 
@@ -229,11 +238,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         size = config.size or TINY_BENCH_SIZE
     else:
         raise ValueError(f"arch must be 'tiny' or one of {', '.join(FULLSIZE_ARCHS)}, got {config.arch!r}")
-    from bridge.engine.accel import accelerate
-
-    # Applied to the shared components, so every contender (diffusers included) runs the same
-    # compiled modules; warm-up absorbs the compilation of each new batch shape.
-    accelerate(pipe, config.acceleration)
     rows = []
     for steps in config.steps:
         for cfg in config.cfg_types:

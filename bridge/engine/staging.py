@@ -18,6 +18,28 @@ def _host(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
 
 
+class HostToDevice:
+    """A host buffer (pinned on CUDA) and its device twin, for values made on the host each frame
+    (input bytes, CPU-generator noise). `host()` waits until the last copy has left the buffer
+    (the copies are asynchronous), `send()` starts the next one. On the CPU both are one tensor."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self._host = _host(shape, dtype, device)
+        self.device = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
+        self._sent = torch.cuda.Event() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+
+    def host(self) -> Tensor:
+        if self._sent is not None:
+            self._sent.synchronize()
+        return self._host
+
+    def send(self) -> Tensor:
+        if self._sent is not None:
+            self.device.copy_(self._host, non_blocking=True)
+            self._sent.record()
+        return self.device
+
+
 class InputStaging:
     """The pixels of one input kind at model size, from the caller's frame to the encoder's input.
 
@@ -38,9 +60,10 @@ class InputStaging:
         dtype: torch.dtype,
     ) -> None:
         self.kind = kind
+        self.channels = channels if kind == "uint8" else 3
         if kind == "uint8":
-            self.host = _host((f, height, width, channels), torch.uint8, device)
-            self.bytes = self.host if device.type == "cpu" else torch.empty_like(self.host, device=device)
+            self.bytes_in = HostToDevice((f, height, width, channels), torch.uint8, device)
+            self.bytes = self.bytes_in.device
             self.bytes_nchw = self.bytes[..., :3].permute(0, 3, 1, 2)  # (f, 3, H, W) view
             base32 = torch.empty((f, height, width, 3), dtype=torch.float32, device=device)
             self.pix32 = base32.permute(0, 3, 1, 2)
@@ -58,9 +81,8 @@ class InputStaging:
         with warnings.catch_warnings():  # read-only frames are only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             src = torch.from_numpy(frames)
-        self.host.copy_(src)
-        if self.bytes is not self.host:
-            self.bytes.copy_(self.host, non_blocking=True)
+        self.bytes_in.host().copy_(src)
+        self.bytes_in.send()
         torch.div(self.bytes_nchw, 255.0, out=self.pix32)
 
     def normalise(self) -> Tensor:

@@ -12,17 +12,22 @@ the documented ones: the similarity score (one scalar) and the final copy for `o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from bridge.engine.accel import Acceleration, Networks
+from bridge.engine.accel.graphs import CudaGraphBackend, FrameGraphs, GraphBackend, cuda_graph_unavailable
 from bridge.engine.guidance import (
     CfgType,
     StepCoefs,
@@ -38,7 +43,7 @@ from bridge.engine.guidance import (
 )
 from bridge.engine.prompts import PromptCache, PromptSpec
 from bridge.engine.similarity import SimilarityFilter
-from bridge.engine.staging import InputStaging, OutputRing
+from bridge.engine.staging import HostToDevice, InputStaging, OutputRing
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,9 @@ SeedSpec = int | Sequence[tuple[int, float]]
 """A seed, or a blend [(seed, weight), ...] of the seeds' noises (variance preserved)."""
 
 MAX_STEPS = 10
+TXT2IMG = "txt2img"  # the source kind of a frame without an input image
+LayoutKey = tuple[Hashable, int, bool]
+"""(input kind, step count, guided): what fixes a frame's kernels and buffer addresses."""
 OUTPUT_RING_DEPTH = 8
 """Host slots for uint8 outputs: deeper than the runtime's one-slot mailboxes (see OutputRing)."""
 
@@ -110,7 +118,14 @@ class StreamEngine:
         do_add_noise: bool = True,
         similarity_seed: int | None = None,
         output_ring_depth: int = OUTPUT_RING_DEPTH,
+        acceleration: str | Acceleration = "none",
+        cache_dir: Path | None = None,
+        networks: Networks | None = None,
+        graph_backend: GraphBackend | None = None,
     ) -> None:
+        """`acceleration`: see bridge/engine/accel (`compile` keeps its caches under `cache_dir`).
+        `networks` replaces the modules a frame calls (TensorRT engines, tests); `graph_backend`
+        replaces torch.cuda's capture (tests on machines without CUDA)."""
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
         if width % 8 or height % 8 or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
@@ -126,6 +141,13 @@ class StreamEngine:
                 f"the model predicts {prediction!r}; StreamEngine needs an epsilon-prediction model "
                 "(SD 1.5, sd-turbo, SDXL, sdxl-turbo), not a v-prediction one such as SD 2.1-768"
             )
+        self.acceleration = Acceleration.parse(acceleration)
+        if self.acceleration.cuda_graph:
+            reason = None if graph_backend is not None else cuda_graph_unavailable(pipe.unet.device)
+            if reason is None and not use_denoising_batch:
+                reason = "acceleration 'cuda_graph' captures the stream batch; use_denoising_batch=False is not captured"
+            if reason is not None:
+                raise ValueError(reason)
         self.pipe = pipe
         self.cfg_type = CfgType.parse(cfg_type)
         self.width, self.height = width, height
@@ -137,7 +159,12 @@ class StreamEngine:
         self._t_index_list = _validate_t_index_list(t_index_list, None)
         self._latent_shape = (4, height // 8, width // 8)
         self._vae_scale = float(pipe.vae.config.scaling_factor)
-        self._vae_is_kl = hasattr(pipe.vae, "quant_conv")  # AutoencoderKL samples; AutoencoderTiny does not
+        if networks is None and self.acceleration.compile:
+            from bridge.engine.accel.compile import compiled_networks
+
+            networks = compiled_networks(pipe, cache_dir=cache_dir)
+        self.nets = networks if networks is not None else Networks(pipe)
+        self._vae_is_kl = self.nets.is_kl  # AutoencoderKL samples; AutoencoderTiny does not
         self._prompts = PromptCache(pipe, device=self.device, dtype=self.dtype)
         self.similarity = SimilarityFilter(seed=similarity_seed)
         self.stats = EngineStats()
@@ -155,11 +182,23 @@ class StreamEngine:
         self._image32_nhwc = self._image32.permute(0, 2, 3, 1)
         self._dec_in = torch.zeros((f, *self._latent_shape), device=self.device, dtype=self.dtype)
         self._z = torch.zeros_like(self._dec_in)  # the newest frame's clean latent
-        self._txt2img_noise = torch.zeros((f, *self._latent_shape))  # CPU, drawn per txt2img frame
+        # Noise from the CPU generator (the original's stream, for seed compatibility), drawn on
+        # the host before the frame and copied into static device buffers: the txt2img latent,
+        # and the KL VAE's sampling noise (diffusers draws it in the VAE's dtype).
+        self._txt2img_noise = HostToDevice((f, *self._latent_shape), torch.float32, self.device)
+        self._vae_noise = HostToDevice((f, *self._latent_shape), pipe.vae.dtype, self.device)
         self._ring = OutputRing(depth=output_ring_depth, f=f, height=h, width=w, device=self.device)
         self._staging: dict[tuple[str, int], InputStaging] = {}
-        # Which processed frame (a count) the image and the newest ring slot hold.
-        self._version = self._image_version = self._ring_version = 0
+        # Which processed frame (a count) the image, the device uint8 frame and the newest ring
+        # slot hold.
+        self._version = self._image_version = self._rgba_version = self._ring_version = 0
+        # Warm-up: the layouts made ready (compiled, captured) and the source kinds seen.
+        self._graphs = None
+        if self.acceleration.cuda_graph:
+            self._graphs = FrameGraphs(graph_backend or CudaGraphBackend(self.device))
+        self._warmed: set[LayoutKey] = set()
+        self._sources: set[Hashable] = set()
+        self.acceleration_fallback = ""  # why frames run eagerly although cuda_graph was asked
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -239,6 +278,9 @@ class StreamEngine:
         n, f = self.num_steps, self.frame_buffer_size
         rows = n * f
         last = self._last_x0.clone() if keep_last and self._has_output else None
+        if self._graphs is not None:
+            self._graphs.clear()  # they hold the old buffers' addresses
+        self._warmed.clear()
         self._make_noise()
         self._set_coefs()
         self._extra_rows = 0
@@ -502,33 +544,82 @@ class StreamEngine:
         if output_type not in ("pt", "uint8", "latent"):
             raise ValueError(f"output_type must be 'pt', 'uint8' or 'latent', got {output_type!r}")
         self.stats.frames += 1
-        f, c, newest = self.frame_buffer_size, self._coefs, self._newest
 
-        # 1. Input: normalise to [-1, 1] at model size; the similarity filter may end here.
+        # 1. On the host: stage and normalise the input; the similarity filter may end the frame
+        #    here (a skip replays nothing); draw the CPU-generator noise the frame needs.
+        staging = None
         if image is not None:
             staging = self._stage(image)
-            pixels = staging.normalise()  # (f, 3, H, W) in [-1, 1]; flat32 holds the same in fp32
+            staging.normalise()  # pixels in [-1, 1]; flat32 holds the same in fp32
             if self.similarity.should_skip(staging.flat32) and self._has_output:
                 self.stats.skipped += 1
                 return self._output(output_type)
-            z = self._encode(pixels)
-            # 2. Noise the new latent to the first timestep with the fixed noise.
+        self._draw_noise(staging)
+        source = self._source_kind(staging)
+        self._sources.add(source)
+
+        # 2.-7. On the device: the frame (`_frame`), replayed as one CUDA graph or run eagerly.
+        key = self._layout_key(source)
+        if self._graphs is not None and key not in self._graphs:
+            self._warm_layout(key, staging)  # a new input kind; warm_up() captures ahead of time
+        if self._graphs is not None:
+            self._graphs.replay(key)
+            self.stats.unet_calls += 1
+            self.stats.vae_encodes += staging is not None
+            self.stats.vae_decodes += 1
+        else:
+            self._frame(staging, finish=False)  # decoded and converted by _output, as asked
+        self._has_output = True
+        self._version += 1
+        if self._graphs is not None:
+            self._image_version = self._rgba_version = self._version  # the graph did both
+
+        # 8. Out: the ring's next host slot (the one device-to-host copy), or a copy.
+        return self._output(output_type)
+
+    def _frame(self, staging: InputStaging | None, *, finish: bool) -> None:
+        """The device side of one frame: what a captured graph holds. Reads the staged pixels
+        (or the txt2img noise) and the state buffers, writes them in place; `finish` also
+        decodes and converts to uint8 (a captured frame always does)."""
+        f, c, newest = self.frame_buffer_size, self._coefs, self._newest
+        # 2. Encode, and noise the new latent to the first timestep with the fixed noise.
+        if staging is not None:
+            z = self._encode(staging.pixels)
             torch.mul(c.alpha[:f], z, out=newest)
             torch.mul(c.beta[:f], self._init_noise[:f], out=self._t1[:f])
             newest.add_(self._t1[:f])
         else:
             # txt2img: a fresh seeded latent per frame (reproducible from prepare()).
-            torch.randn(self._txt2img_noise.shape, generator=self._generator, out=self._txt2img_noise)
-            newest.copy_(self._txt2img_noise)
-
+            newest.copy_(self._txt2img_noise.device)
         # 3.-6. Denoise: all in-flight steps in one UNet call, or the sequential reference.
         if self.use_denoising_batch:
             self._denoise_batch()
         else:
             self._denoise_sequential()
-        self._has_output = True
-        self._version += 1
-        return self._output(output_type)
+        # 7. Decode the frame leaving now, and convert it to uint8 on the device.
+        if finish:
+            self._decode()
+            self._to_uint8()
+
+    def _draw_noise(self, staging: InputStaging | None) -> None:
+        """The CPU generator's draws for this frame, in the original's order, sent to the device."""
+        if staging is None:
+            noise = self._txt2img_noise
+            torch.randn(noise.device.shape, generator=self._generator, out=noise.host())
+            noise.send()
+        elif self._vae_is_kl:
+            noise = self._vae_noise
+            host = noise.host()
+            # diffusers' DiagonalGaussianDistribution.sample(generator): randn in the VAE's dtype.
+            torch.randn(host.shape, generator=self._generator, dtype=host.dtype, out=host)
+            noise.send()
+
+    def _source_kind(self, staging: InputStaging | None) -> Hashable:
+        return TXT2IMG if staging is None else (staging.kind, staging.channels)
+
+    def _layout_key(self, source: Hashable) -> LayoutKey:
+        """What fixes a frame's kernels and addresses: input kind, step count, guided or not."""
+        return (source, self.num_steps, self._guided)
 
     def _stage(self, image: Tensor | np.ndarray) -> InputStaging:
         """Check the input and load it into the staging buffers as fp32 pixels in [0, 1]."""
@@ -583,20 +674,18 @@ class StreamEngine:
 
     def _encode(self, pixels: Tensor) -> Tensor:
         self.stats.vae_encodes += 1
-        encoded = self.pipe.vae.encode(pixels)
-        latent: Tensor = encoded.latent_dist.sample(self._generator) if self._vae_is_kl else encoded.latents
-        return torch.mul(latent, self._vae_scale, out=self._z)  # (f, 4, H/8, W/8)
+        encoded = self.nets.encode(pixels)
+        if self._vae_is_kl:
+            # As DiagonalGaussianDistribution.sample does, with its noise drawn before the frame.
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(encoded)
+            encoded = dist.mean + dist.std * self._vae_noise.device
+        return torch.mul(encoded, self._vae_scale, out=self._z)  # (f, 4, H/8, W/8)
 
     def _unet(self, x: Tensor, inputs: _UNetInputs) -> Tensor:
         self.stats.unet_calls += 1
-        pred: Tensor = self.pipe.unet(
-            x,
-            inputs.timesteps,
-            encoder_hidden_states=inputs.embeds,
-            added_cond_kwargs=inputs.added,
-            return_dict=False,
-        )[0]
-        return pred
+        return self.nets.unet(x, inputs.timesteps, inputs.embeds, inputs.added)
 
     def _denoise_batch(self) -> None:
         """Steps 3-6 on the stream batch, in place: `_batch` (rows by step, the newest frame's
@@ -686,27 +775,117 @@ class StreamEngine:
         self._seq_stock = stock
         self._last_x0.copy_(x0)
 
+    def _decode(self) -> None:
+        """x0 of the frame leaving now -> `_image` in [0, 1]."""
+        self.stats.vae_decodes += 1
+        torch.div(self._last_x0, self._vae_scale, out=self._dec_in)
+        decoded = self.nets.decode(self._dec_in)
+        torch.div(decoded, 2, out=self._image).add_(0.5).clamp_(0, 1)  # (f, 3, H, W)
+
+    def _to_uint8(self) -> None:
+        """`_image` -> the ring's device uint8 frame, rounded in fp32 (diffusers' postprocess does
+        it in numpy float32; in fp16 about 4% of the pixels would land one level off)."""
+        self._image32.copy_(self._image).mul_(255).round_()
+        self._ring.device_rgb.copy_(self._image32_nhwc)
+
     def _output(self, output_type: OutputType) -> Any:
         """The last processed frame as `output_type`, decoded and converted at most once."""
         if output_type == "latent":
             return self._last_x0.clone()
         if self._image_version != self._version:
-            self.stats.vae_decodes += 1
-            torch.div(self._last_x0, self._vae_scale, out=self._dec_in)
-            decoded = self.pipe.vae.decode(self._dec_in, return_dict=False)[0]
-            torch.div(decoded, 2, out=self._image).add_(0.5).clamp_(0, 1)  # (f, 3, H, W)
+            self._decode()
             self._image_version = self._version
         if output_type == "pt":
             return self._image.clone()
+        if self._rgba_version != self._version:
+            self._to_uint8()
+            self._rgba_version = self._version
         if self._ring_version != self._version:
-            # uint8 on the device, rounded in fp32 (diffusers' postprocess does it in numpy
-            # float32; in fp16 about 4% of the pixels would land one level off), then the one
-            # copy to the host, into the next ring slot.
-            self._image32.copy_(self._image).mul_(255).round_()
-            self._ring.device_rgb.copy_(self._image32_nhwc)
-            self._ring.publish()
+            self._ring.publish()  # the one copy to the host, into the next ring slot
             self._ring_version = self._version
         return self._ring.current()
+
+    # ------------------------------------------------------------------ warm-up
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether a layout the show can reach next is not ready (compiled or captured): after
+        a step-count change, for instance. The runtime then calls `warm_up` with the status
+        `warming`; a frame would otherwise make it ready itself, and stall."""
+        if self.acceleration == Acceleration():
+            return False
+        return any(key not in self._warmed for key in self._reachable_keys(self._sources))
+
+    @torch.no_grad()
+    def warm_up(self, *examples: Tensor | np.ndarray | None) -> int:
+        """Make every layout the show can reach ready before it needs it: capture its frame
+        graph (`cuda_graph`) or compile its batch sizes (`compile`), on both sides of guidance
+        1.0 (`full`, `initialize`, `self`). For the input kinds of `examples` (an image as
+        `__call__` takes it; None for txt2img) and every kind seen before. The stream's state is
+        left as it was. Returns how many layouts it made ready (always 0 for `none`: eager
+        kernels need nothing)."""
+        self._require_prepared()
+        if self.acceleration == Acceleration():
+            return 0
+        for image in examples:
+            staging = None if image is None else self._stage(image)
+            if staging is not None:
+                staging.normalise()
+            self._sources.add(self._source_kind(staging))
+        stagings = {self._source_kind(s): s for s in self._staging.values()}
+        done = 0
+        for key in self._reachable_keys(self._sources):
+            if key in self._warmed:
+                continue
+            source, _n, guided = key
+            with self._guided_as(guided):
+                self._warm_layout(key, None if source == TXT2IMG else stagings[source])
+            done += 1
+        return done
+
+    def _reachable_keys(self, sources: set[Hashable]) -> list[LayoutKey]:
+        sides = [False] if self.cfg_type is CfgType.NONE else [False, True]
+        return [(source, self.num_steps, guided) for source in sorted(sources, key=str) for guided in sides]
+
+    @contextmanager
+    def _guided_as(self, guided: bool) -> Iterator[None]:
+        """Lay the UNet rows out as for guidance above 1.0 (or not) meanwhile. The fader's own
+        value stays in `_g`: a captured kernel reads it at replay."""
+        kept = self.guidance_scale
+        if guided != self._guided:
+            self.guidance_scale = 2.0 if guided else 1.0
+        self._refresh_unet_inputs()
+        try:
+            yield
+        finally:
+            self.guidance_scale = kept
+            self._refresh_unet_inputs()
+
+    def _warm_layout(self, key: LayoutKey, staging: InputStaging | None) -> None:
+        """Capture (or, without graphs, run once to compile) one layout's frame; the state the
+        frame writes, the counters and the CPU generator are restored afterwards."""
+        state = [self._unet_x, self._stock, self._x0, self._eps, self._z, self._dec_in]
+        state += [self._image, self._image32, self._ring.device_rgba]
+        saved = [t.clone() for t in state]
+        stats = dataclasses.replace(self.stats)
+        generator = self._generator.get_state()
+        try:
+            if self._graphs is not None:
+                try:
+                    self._graphs.capture(key, lambda: self._frame(staging, finish=True))
+                except Exception as exc:  # the show goes on, eagerly, and says why
+                    self.acceleration_fallback = (
+                        f"cuda_graph capture failed, frames run eagerly: {type(exc).__name__}: {exc}"[:400]
+                    )
+                    log.exception("capturing the frame graph for %s failed; running frames eagerly", key)
+                    self._graphs = None
+            else:
+                self._frame(staging, finish=True)
+        finally:
+            for tensor, copy in zip(state, saved, strict=True):
+                tensor.copy_(copy)
+            self.stats = stats
+            self._generator.set_state(generator)
+        self._warmed.add(key)
 
     def current_prompt(self) -> PromptSpec:
         """The prompt (or blend) in effect."""

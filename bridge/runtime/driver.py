@@ -105,7 +105,6 @@ DEFAULT_T_INDEX = LIVE["t_index_list"].default
 def load_engine(config: BridgeConfig) -> EngineDriver:
     """Load the model the config names and build the engine (slow: seconds to minutes)."""
     from bridge.engine import StreamEngine
-    from bridge.engine.accel import accelerate
     from bridge.engine.loading import LoadOptions, load_pipeline, resolve_device, resolve_dtype_name
 
     e = config.engine
@@ -120,7 +119,6 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
     )
     log.info("loading model %r on %s", e.model, device)
     pipe = load_pipeline(e.model, options)
-    accelerate(pipe, e.acceleration)
     engine = StreamEngine(
         pipe,
         list(DEFAULT_T_INDEX),
@@ -130,6 +128,8 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
         frame_buffer_size=e.frame_buffer_size,
         use_denoising_batch=e.use_denoising_batch,
         similarity_seed=e.similarity_seed,
+        acceleration=e.acceleration,
+        cache_dir=options.cache_dir,
     )
     return EngineDriver(engine)
 

@@ -104,6 +104,8 @@ class Bridge:
         then each output, the input, MIDI. Each source's message is cleared by that source
         when it recovers (a write that works, a read that works, an engine call that works)."""
         found = [("engine", self._engine_error)]
+        if self.driver is not None:
+            found.append(("engine", self.driver.engine.acceleration_fallback))
         found += [(f"output {s.label}", sink_problem(s)) for s in self.sinks]
         if self.capture is not None:
             found += [("input", self.capture.last_error), ("input", self.capture.waiting())]
@@ -261,6 +263,9 @@ class Bridge:
         """The warm-up frames; False when `stop` came first."""
         e = self.config.engine
         blank = np.zeros((e.height, e.width, 4), np.uint8)
+        ready = driver.engine.warm_up(blank)  # captures or compiles every reachable layout
+        if ready:
+            log.info("warm-up made %d layout(s) ready (acceleration %s)", ready, e.acceleration)
         for _ in range(self.config.runtime.warmup_frames):
             if stop.is_set():
                 return False
@@ -310,6 +315,12 @@ class Bridge:
                 log.warning("the input is back")
             last_input_t = now
             live.apply_pending()
+            if engine.needs_warm_up:  # a step-count change: new layouts to capture or compile
+                self._set_status(state="warming")
+                started = time.perf_counter()
+                engine.warm_up()
+                log.info("warmed the new layouts in %.1f s", time.perf_counter() - started)
+                self._set_status(state="running")
             mode = "frozen" if live.freeze else "bypass" if live.bypass else "live"
             if mode != self.status().mode:
                 self._set_status(mode=mode)

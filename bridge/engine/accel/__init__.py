@@ -1,29 +1,67 @@
-"""Model acceleration, chosen in the config (`engine.acceleration`), applied once after loading."""
+"""Model acceleration: the seam between `StreamEngine` and its backends.
+
+`engine.acceleration` names a set of backends joined by '+':
+
+| spelling             | what it does                                                       |
+|----------------------|--------------------------------------------------------------------|
+| `none`               | eager torch kernels: the exact path                                |
+| `compile`            | torch.compile (inductor) on the UNet, VAE encoder and decoder      |
+| `cuda_graph`         | the whole frame captured as one CUDA graph per layout (exact)      |
+| `compile+cuda_graph` | compiled kernels replayed inside the frame graph                   |
+
+Module-level backends (`compile`; TensorRT engines, `accel/tensorrt.py`) change which
+`Networks` a frame calls; the frame-level one (`cuda_graph`, `accel/graphs.py`) changes how the
+frame runs. `StreamEngine` asks this package for both and knows nothing of the backends.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from dataclasses import dataclass
 
-import torch
+from bridge.engine.accel.networks import Networks
 
-log = logging.getLogger(__name__)
+__all__ = ["ACCELERATIONS", "Acceleration", "Networks"]
 
-ACCELERATIONS = ("none", "compile")
+ACCELERATIONS = ("none", "compile", "cuda_graph", "compile+cuda_graph")
+_PARTS = ("compile", "cuda_graph")
 
 
-def accelerate(pipe: Any, mode: str) -> None:
-    """Apply `mode` to `pipe` in place.
+@dataclass(frozen=True)
+class Acceleration:
+    """A parsed `engine.acceleration`."""
 
-    `compile`: torch.compile on the UNet and the VAE decoder. The first frames after start
-    compile (seconds to minutes; the bridge reports the state "warming" meanwhile). It needs a
-    working C/C++ compiler on the CPU and Triton on CUDA; a failure raises here, at start, with
-    torch's reason, and never falls back silently.
-    """
-    if mode == "none":
-        return
-    if mode != "compile":
-        raise ValueError(f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {mode!r}")
-    log.info("compiling the UNet and the VAE decoder with torch.compile")
-    pipe.unet.forward = torch.compile(pipe.unet.forward, dynamic=False)
-    pipe.vae.decoder.forward = torch.compile(pipe.vae.decoder.forward, dynamic=False)
+    compile: bool = False
+    cuda_graph: bool = False
+
+    @classmethod
+    def parse(cls, text: str | Acceleration) -> Acceleration:
+        """`none`, or backends joined by '+' in any order (`cuda_graph+compile` is `compile+cuda_graph`)."""
+        if isinstance(text, Acceleration):
+            return text
+        if not isinstance(text, str):
+            raise ValueError(f"acceleration must be a string such as 'cuda_graph', got {text!r}")
+        spelled = text.strip().lower()
+        if spelled == "none":
+            return cls()
+        parts = [p.strip() for p in spelled.split("+")]
+        unknown = [p for p in parts if p not in _PARTS]
+        if unknown or len(set(parts)) != len(parts):
+            raise ValueError(
+                f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {text!r}"
+                + (
+                    f" ({', '.join(map(repr, unknown))} is not a backend)"
+                    if unknown
+                    else " (a backend twice)"
+                )
+            )
+        return cls(compile="compile" in parts, cuda_graph="cuda_graph" in parts)
+
+    def __str__(self) -> str:
+        parts = [name for name in _PARTS if getattr(self, name)]
+        return "+".join(parts) or "none"
+
+    @property
+    def exact(self) -> bool:
+        """Whether frames are bit for bit those of the eager path (graphs replay eager kernels;
+        inductor fuses elementwise ops without fp16 rounding between them)."""
+        return not self.compile

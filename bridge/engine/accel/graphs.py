@@ -1,0 +1,120 @@
+"""`acceleration: cuda_graph`: the whole frame captured as one CUDA graph per layout.
+
+A frame of the stream batch is about 600 kernel launches; on a fast GPU launching them costs
+more than running them (ACCELERATION.md). Captured once, the frame replays as one launch.
+
+What `StreamEngine` guarantees, and capture relies on:
+- every tensor the frame reads or writes across frames is a buffer allocated once per layout,
+  and live setters write into it in place (guidance and delta are 0-dim device tensors);
+- everything that needs the host happens outside the graph: the input's host-to-device copy,
+  the similarity score (the skip decision comes first; a skip replays nothing), the CPU-generator
+  noise (drawn before replay into static buffers), and the device-to-host copy of the output;
+- a layout is fixed by (input kind, step count, guided or not): each is captured at warm-up,
+  both sides of guidance 1.0 included, so a guidance fader never stalls the show. A step-count
+  change clears the graphs; the next warm-up captures the new count.
+
+`FrameGraphs` holds the captured frames; `CudaGraphBackend` captures with torch.cuda. Where CUDA
+is absent `cuda_graph_unavailable` says why, and the config refuses `cuda_graph` with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3  # eager runs on a side stream before capture: cuBLAS/cuDNN set-up, lazy inits
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphBackend(Protocol):
+    """Captures `body` (after warm-up runs) into something that replays it."""
+
+    def capture(self, body: Callable[[], None]) -> Graph: ...
+
+
+def cuda_graph_unavailable(device: str | torch.device | None = None) -> str | None:
+    """Why `cuda_graph` cannot run here (on `device`, or on this machine); None when it can."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        return (
+            "acceleration 'cuda_graph' needs an NVIDIA GPU and a CUDA build of torch; "
+            + (
+                f"this torch {torch.__version__} is built for CUDA {built} but sees no GPU"
+                if built
+                else f"this torch {torch.__version__} is a CPU-only build"
+            )
+            + ". Use acceleration 'none' (or 'compile') here"
+        )
+    if device is not None and torch.device(device).type != "cuda":
+        return f"acceleration 'cuda_graph' runs on a CUDA device, and the engine is on {device}"
+    return None
+
+
+class CudaGraphBackend:
+    """torch.cuda graphs; one memory pool for all of an engine's graphs (they never run at once,
+    and every value that outlives a replay lives in the engine's static buffers)."""
+
+    def __init__(self, device: torch.device) -> None:
+        reason = cuda_graph_unavailable(device)
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, body: Callable[[], None]) -> Graph:
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the prompt encoder's thread may use the GPU while this one captures.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            body()
+        torch.cuda.current_stream(self.device).synchronize()
+        return graph
+
+
+class FrameGraphs:
+    """The captured frames of one engine, by layout key."""
+
+    def __init__(self, backend: GraphBackend) -> None:
+        self.backend = backend
+        self._graphs: dict[Hashable, Graph] = {}
+        self.captures = 0  # how many captures ran (a guidance crossing after warm-up adds none)
+        self.replays = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def keys(self) -> list[Hashable]:
+        return list(self._graphs)
+
+    def capture(self, key: Hashable, body: Callable[[], None]) -> None:
+        log.info("capturing the frame graph for %s", key)
+        self._graphs[key] = self.backend.capture(body)
+        self.captures += 1
+
+    def replay(self, key: Hashable) -> None:
+        self._graphs[key].replay()
+        self.replays += 1
+
+    def clear(self) -> None:
+        """Drop every graph (a step-count change makes new buffers; their memory returns to the pool)."""
+        self._graphs.clear()
+
+
+def describe(graphs: Any) -> str:
+    """One line for logs and status: which layouts are captured."""
+    if graphs is None:
+        return "no frame graphs"
+    return f"{len(graphs.keys())} frame graph(s): " + ", ".join(map(str, graphs.keys()))

@@ -1,0 +1,153 @@
+"""The acceleration seam and `acceleration: compile` on the CPU.
+
+- `Networks` calls the inner modules; it must give exactly what diffusers' `encode`/`decode` give.
+- No compile mid-show: after `warm_up`, a guidance crossing and further frames trigger no
+  recompilation (checked with dynamo's `error_on_recompile`, on its `eager` backend: guards and
+  recompiles are dynamo's, whatever backend runs the graph, and inductor takes minutes here).
+- The persistent cache: two processes compile the same module with inductor; the second finds
+  the first's compiled graph under the model cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bridge.engine import StreamEngine
+from bridge.engine.accel import ACCELERATIONS, Acceleration, Networks
+from bridge.engine.accel.compile import compile_cache_dir, compiled_networks
+from bridge.params import BY_NAME
+from tests.conftest import pattern, pattern_uint8
+
+SIZE = 32
+
+
+def test_the_config_offers_every_acceleration_the_engine_takes() -> None:
+    assert BY_NAME["acceleration"].choices == ACCELERATIONS
+    for spelling in ACCELERATIONS:
+        assert str(Acceleration.parse(spelling)) == spelling
+    assert Acceleration.parse("cuda_graph+compile") == Acceleration(compile=True, cuda_graph=True)
+    for bad in ("tensor", "compile+compile", "", "none+compile"):
+        with pytest.raises(ValueError, match="acceleration must be one of"):
+            Acceleration.parse(bad)
+    assert Acceleration.parse("cuda_graph").exact and not Acceleration.parse("compile").exact
+
+
+@pytest.mark.parametrize("family", ["tiny_pipe", "tiny_sd21_pipe", "tiny_sdxl_pipe"])
+@torch.no_grad()
+def test_networks_give_exactly_what_diffusers_gives(request: pytest.FixtureRequest, family: str) -> None:
+    pipe = request.getfixturevalue(family)
+    nets = Networks(pipe)
+    pixels = pattern(2, SIZE) * 2 - 1
+    encoded = pipe.vae.encode(pixels)
+    if nets.is_kl:
+        assert torch.equal(nets.encode(pixels), encoded.latent_dist.parameters)
+    else:
+        assert torch.equal(nets.encode(pixels), encoded.latents)
+    latents = torch.randn((2, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nets.decode(latents), pipe.vae.decode(latents, return_dict=False)[0])
+
+
+def _frames(engine: StreamEngine, start: int, count: int) -> list[Any]:
+    return [engine(pattern_uint8(k, SIZE), output_type="uint8").copy() for k in range(start, start + count)]
+
+
+@pytest.mark.parametrize("cfg", ["full", "initialize"])
+def test_after_warm_up_a_guidance_crossing_compiles_nothing(tiny_pipe: Any, cfg: str) -> None:
+    torch._dynamo.reset()
+    nets = compiled_networks(tiny_pipe, backend="eager")
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type=cfg, networks=nets, acceleration="compile"
+    )
+    eager = StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type=cfg)
+    for e in (engine, eager):
+        e.prepare("a cat", negative_prompt="blurry", guidance_scale=1.8, seed=4)
+    assert engine.needs_warm_up is False  # no input kind seen yet: nothing to know of
+    assert engine.warm_up(pattern_uint8(0, SIZE)) == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _frames(engine, 0, 2)
+        engine.set_guidance_scale(1.0)
+        got += _frames(engine, 2, 2)
+        engine.set_guidance_scale(2.5)
+        got += _frames(engine, 4, 2)
+    want = _frames(eager, 0, 2)
+    eager.set_guidance_scale(1.0)
+    want += _frames(eager, 2, 2)
+    eager.set_guidance_scale(2.5)
+    want += _frames(eager, 4, 2)
+    assert all((g == w).all() for g, w in zip(got, want, strict=True))  # the eager backend is exact
+
+    # A step-count change: the new batch sizes compile in warm_up, not in a frame.
+    engine.set_t_index_list([20, 30, 38, 45])
+    assert engine.needs_warm_up
+    assert engine.warm_up() == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _frames(engine, 6, 2)
+        engine.set_guidance_scale(1.0)
+        _frames(engine, 8, 2)
+
+
+def test_without_warm_up_a_guidance_crossing_would_recompile(tiny_pipe: Any) -> None:
+    """The check above can fail: skip the warm-up and the crossing compiles mid-show."""
+    torch._dynamo.reset()
+    nets = compiled_networks(tiny_pipe, backend="eager")
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="full", networks=nets, acceleration="compile"
+    )
+    engine.prepare("a cat", guidance_scale=1.8, seed=4)
+    _frames(engine, 0, 2)
+    engine.set_guidance_scale(1.0)
+    with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match=r"[Rr]ecompil"):
+        _frames(engine, 2, 1)
+
+
+_CHILD = r"""
+import json, sys, torch
+from pathlib import Path
+from torch._dynamo.utils import counters
+from bridge.engine.accel.compile import compiled_networks
+from bridge.engine.loading import LoadOptions, load_pipeline
+pipe = load_pipeline("tiny", LoadOptions(cache_dir=Path(sys.argv[1])))
+nets = compiled_networks(pipe, cache_dir=Path(sys.argv[2]))
+latents = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    got = nets.decode(latents)
+    want = pipe.vae.decode(latents, return_dict=False)[0]
+print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "max_diff": float((got - want).abs().max())}))
+"""
+
+
+def test_a_second_start_reuses_the_compile_cache_under_the_model_cache(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Inductor for real (the VAE decoder only: the UNet takes a minute to compile here)."""
+    env_keep = {
+        k: v for k, v in __import__("os").environ.items() if not k.startswith(("TORCHINDUCTOR", "TRITON"))
+    }
+
+    def start() -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(model_cache), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env_keep,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    first, second = start(), start()
+    assert first["miss"] >= 1 and first["hit"] == 0
+    assert second["hit"] >= 1 and second["miss"] == 0
+    assert first["max_diff"] < 1e-4 and second["max_diff"] < 1e-4  # fast, not exact: close
+    assert any((compile_cache_dir(tmp_path) / "inductor").rglob("*.py")), (
+        "no compiled code under the model cache"
+    )
