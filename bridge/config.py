@@ -36,7 +36,7 @@ class EngineConfig:
     width: int = 256
     height: int = 256
     cfg_type: str = "self"  # none | full | self | initialize
-    acceleration: str = "none"  # none | compile | cuda_graph | compile+cuda_graph (bridge/engine/accel)
+    acceleration: str = "none"  # none | compile | cuda_graph | tensorrt, +cuda_graph (bridge/engine/accel)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
     frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)

@@ -142,11 +142,38 @@ def _model_problem(config: BridgeConfig) -> tuple[str, str]:
     return "", "not cached yet: the first run downloads it (needs the network)"
 
 
+def acceleration_notes(
+    config: BridgeConfig, torch_info: dict[str, Any], trt_info: dict[str, Any]
+) -> list[str]:
+    """What the asked acceleration will do here, where it is not plain: engines that will fall
+    back to the exact path (TensorRT missing, builds that failed before), so it is never silent."""
+    e = config.engine
+    notes = []
+    if "tensorrt" in e.acceleration:
+        if not trt_info.get("installed"):
+            notes.append(
+                f"tensorrt: {trt_info.get('note', 'not installed')}; frames will run on the exact torch path"
+            )
+        elif not torch_info["cuda"]:
+            notes.append("tensorrt: torch sees no CUDA device; frames will run on the exact torch path")
+        from bridge.engine.accel.engine_cache import EngineCache
+        from bridge.engine.accel.engine_networks import ENGINE_CACHE
+
+        root = Path(e.cache_dir).expanduser() / ENGINE_CACHE
+        for folder, reason in EngineCache(root).recorded_failures():
+            notes.append(
+                f"tensorrt: an earlier build failed ({folder}: {reason}); that component runs on the exact "
+                f"torch path until {root / folder} is deleted"
+            )
+    return notes
+
+
 def check_config(
     config: BridgeConfig,
     torch_info: dict[str, Any],
     transports: list[dict[str, Any]],
     ports: Sequence[dict[str, Any]] = (),
+    trt_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Whether `config` can run, given what `gather` found: the media it uses, CUDA, the model,
     its input and outputs as far as they can be checked unopened (`precheck_source`,
@@ -177,6 +204,8 @@ def check_config(
         problems.append(model_problem)
     runs_on = device if device != "auto" else ("cuda" if torch_info["cuda"] else "cpu")
     return {
+        "acceleration": config.engine.acceleration,
+        "acceleration_notes": acceleration_notes(config, torch_info, trt_info or {}),
         "can_run": not problems,
         "problems": problems,
         "input": config.input.kind,
@@ -189,6 +218,7 @@ def check_config(
 
 def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
     torch_info = _torch()
+    trt_info = _tensorrt()
     transports = _transports()
     ports = _ports(config)
     return {
@@ -200,11 +230,11 @@ def gather(config: BridgeConfig, config_label: str) -> dict[str, Any]:
             "executable": sys.executable,
         },
         "torch": torch_info,
-        "tensorrt": _tensorrt(),
+        "tensorrt": trt_info,
         "transports": transports,
         "controls": _controls(config),
         "ports": ports,
-        "config": {"source": config_label, **check_config(config, torch_info, transports, ports)},
+        "config": {"source": config_label, **check_config(config, torch_info, transports, ports, trt_info)},
     }
 
 
@@ -239,4 +269,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"model {cfg['model']} [{cfg['model_note'] or 'see below'}] on {cfg['device']})"
     )
     lines += [f"  - {problem}" for problem in cfg["problems"]]
+    lines.append(f"acceleration {cfg['acceleration']}")
+    lines += [f"  - {note}" for note in cfg["acceleration_notes"]]
     return "\n".join(lines)

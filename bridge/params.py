@@ -212,9 +212,10 @@ PARAMS: tuple[Param, ...] = (
         Kind.CHOICE,
         "none",
         "model acceleration: none (eager, exact), compile (torch.compile), cuda_graph (the whole "
-        "frame as one CUDA graph, exact; needs CUDA) or compile+cuda_graph (fastest)",
+        "frame as one CUDA graph, exact; needs CUDA), compile+cuda_graph, tensorrt (the "
+        "tensorrt extra) or tensorrt+cuda_graph",
         live=False,
-        choices=("none", "compile", "cuda_graph", "compile+cuda_graph"),
+        choices=("none", "compile", "cuda_graph", "compile+cuda_graph", "tensorrt", "tensorrt+cuda_graph"),
         reload_reason="it rebuilds the model graph",
         label="Acceleration",
     ),

@@ -229,3 +229,12 @@ def test_the_banner_lists_what_the_bridge_serves(tiny_pipe: object, model_cache:
         "it/s]",
     ):
         assert noise not in err, err
+
+
+def test_cuda_graph_without_cuda_stops_the_start_before_the_model_loads() -> None:
+    done = _run_quick("engine.acceleration=cuda_graph")
+    assert done.returncode == 2
+    assert (
+        "engine.acceleration=cuda_graph needs an NVIDIA GPU with a CUDA build of torch, and torch sees no "
+        "CUDA device here; use acceleration none or compile on this machine"
+    ) in done.stderr

@@ -152,6 +152,8 @@ def test_doctor_reports_this_linux_machine() -> None:
         "model": "tiny",
         "model_note": "embedded, generated locally on first use",
         "device": "cpu",
+        "acceleration": "none",
+        "acceleration_notes": [],
     }
 
 
@@ -198,6 +200,12 @@ def test_doctor_exits_non_zero_only_when_the_config_cannot_run() -> None:
     assert (
         ok.returncode == 0 and "configs/td-shm.yaml with osc.port=" in ok.stdout and ": can run" in ok.stdout
     )
+    graphs = doctor("-c", "configs/td-shm.yaml", "--set", "engine.acceleration=cuda_graph", *free_ports()[:2])
+    assert graphs.returncode == 1 and ": CANNOT run" in graphs.stdout
+    assert (
+        "  - engine.acceleration=cuda_graph needs an NVIDIA GPU with a CUDA build of torch" in graphs.stdout
+    )
+    assert "acceleration cuda_graph" in graphs.stdout
     bad = doctor("--set", "output.kind=hdmi")
     assert bad.returncode == 2
     assert "sdbridge doctor: error:" in bad.stderr and "output.kind 'hdmi' is not a known kind" in bad.stderr

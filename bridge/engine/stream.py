@@ -163,6 +163,19 @@ class StreamEngine:
             from bridge.engine.accel.compile import compiled_networks
 
             networks = compiled_networks(pipe, cache_dir=cache_dir)
+        elif networks is None and self.acceleration.tensorrt:
+            from bridge.engine.accel.engine_networks import engine_networks
+
+            networks = engine_networks(
+                pipe,
+                model=str(getattr(pipe, "name_or_path", "") or type(pipe).__name__),
+                width=width,
+                height=height,
+                cfg_type=self.cfg_type.value,
+                step_counts=(len(self._t_index_list),),
+                frame_buffer_size=frame_buffer_size,
+                cache_dir=cache_dir if cache_dir is not None else Path.home() / ".cache" / "sdbridge",
+            )
         self.nets = networks if networks is not None else Networks(pipe)
         self._vae_is_kl = self.nets.is_kl  # AutoencoderKL samples; AutoencoderTiny does not
         self._prompts = PromptCache(pipe, device=self.device, dtype=self.dtype)
@@ -198,7 +211,7 @@ class StreamEngine:
             self._graphs = FrameGraphs(graph_backend or CudaGraphBackend(self.device))
         self._warmed: set[LayoutKey] = set()
         self._sources: set[Hashable] = set()
-        self.acceleration_fallback = ""  # why frames run eagerly although cuda_graph was asked
+        self._graph_fallback = ""  # why frames run eagerly although cuda_graph was asked
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -807,6 +820,14 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ warm-up
     @property
+    def acceleration_fallback(self) -> str:
+        """Why part of the asked acceleration runs on the exact eager path instead ("" when
+        none does): a failed capture, or engines that failed to build or have no profile."""
+        reasons = [self._graph_fallback] if self._graph_fallback else []
+        reasons += [f"{part}: {why}" for part, why in getattr(self.nets, "fallbacks", {}).items()]
+        return "; ".join(reasons)[:600]
+
+    @property
     def needs_warm_up(self) -> bool:
         """Whether a layout the show can reach next is not ready (compiled or captured): after
         a step-count change, for instance. The runtime then calls `warm_up` with the status
@@ -873,7 +894,7 @@ class StreamEngine:
                 try:
                     self._graphs.capture(key, lambda: self._frame(staging, finish=True))
                 except Exception as exc:  # the show goes on, eagerly, and says why
-                    self.acceleration_fallback = (
+                    self._graph_fallback = (
                         f"cuda_graph capture failed, frames run eagerly: {type(exc).__name__}: {exc}"[:400]
                     )
                     log.exception("capturing the frame graph for %s failed; running frames eagerly", key)

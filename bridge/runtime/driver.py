@@ -119,6 +119,22 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
     )
     log.info("loading model %r on %s", e.model, device)
     pipe = load_pipeline(e.model, options)
+    networks = None
+    if "tensorrt" in e.acceleration:
+        from bridge.engine.accel.engine_networks import engine_networks
+
+        # Profiles for the step counts of the start: the table's default and the config's.
+        counts = sorted({len(DEFAULT_T_INDEX), len(initial_values(config)["t_index_list"])})
+        networks = engine_networks(
+            pipe,
+            model=e.model,
+            width=e.width,
+            height=e.height,
+            cfg_type=e.cfg_type,
+            step_counts=counts,
+            frame_buffer_size=e.frame_buffer_size,
+            cache_dir=options.cache_dir,
+        )
     engine = StreamEngine(
         pipe,
         list(DEFAULT_T_INDEX),
@@ -130,6 +146,7 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
         similarity_seed=e.similarity_seed,
         acceleration=e.acceleration,
         cache_dir=options.cache_dir,
+        networks=networks,
     )
     return EngineDriver(engine)
 

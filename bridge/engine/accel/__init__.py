@@ -8,6 +8,8 @@
 | `compile`            | torch.compile (inductor) on the UNet, VAE encoder and decoder      |
 | `cuda_graph`         | the whole frame captured as one CUDA graph per layout (exact)      |
 | `compile+cuda_graph` | compiled kernels replayed inside the frame graph                   |
+| `tensorrt`           | TensorRT engines for the UNet and VAE (`accel/engine_networks.py`) |
+| `tensorrt+cuda_graph`| TensorRT engines replayed inside the frame graph                   |
 
 Module-level backends (`compile`; TensorRT engines, `accel/tensorrt.py`) change which
 `Networks` a frame calls; the frame-level one (`cuda_graph`, `accel/graphs.py`) changes how the
@@ -22,8 +24,8 @@ from bridge.engine.accel.networks import Networks
 
 __all__ = ["ACCELERATIONS", "Acceleration", "Networks"]
 
-ACCELERATIONS = ("none", "compile", "cuda_graph", "compile+cuda_graph")
-_PARTS = ("compile", "cuda_graph")
+ACCELERATIONS = ("none", "compile", "cuda_graph", "compile+cuda_graph", "tensorrt", "tensorrt+cuda_graph")
+_PARTS = ("compile", "tensorrt", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Acceleration:
 
     compile: bool = False
     cuda_graph: bool = False
+    tensorrt: bool = False
 
     @classmethod
     def parse(cls, text: str | Acceleration) -> Acceleration:
@@ -45,16 +48,16 @@ class Acceleration:
             return cls()
         parts = [p.strip() for p in spelled.split("+")]
         unknown = [p for p in parts if p not in _PARTS]
-        if unknown or len(set(parts)) != len(parts):
-            raise ValueError(
-                f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {text!r}"
-                + (
-                    f" ({', '.join(map(repr, unknown))} is not a backend)"
-                    if unknown
-                    else " (a backend twice)"
-                )
-            )
-        return cls(compile="compile" in parts, cuda_graph="cuda_graph" in parts)
+        why = ""
+        if unknown:
+            why = f" ({', '.join(map(repr, unknown))} is not a backend)"
+        elif len(set(parts)) != len(parts):
+            why = " (a backend twice)"
+        elif "compile" in parts and "tensorrt" in parts:
+            why = " (compile and tensorrt both replace the networks: choose one)"
+        if why:
+            raise ValueError(f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {text!r}{why}")
+        return cls(compile="compile" in parts, cuda_graph="cuda_graph" in parts, tensorrt="tensorrt" in parts)
 
     def __str__(self) -> str:
         parts = [name for name in _PARTS if getattr(self, name)]
@@ -63,5 +66,5 @@ class Acceleration:
     @property
     def exact(self) -> bool:
         """Whether frames are bit for bit those of the eager path (graphs replay eager kernels;
-        inductor fuses elementwise ops without fp16 rounding between them)."""
-        return not self.compile
+        inductor and TensorRT fuse elementwise ops without fp16 rounding between them)."""
+        return not (self.compile or self.tensorrt)

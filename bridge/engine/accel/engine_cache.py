@@ -179,6 +179,17 @@ class EngineCache:
         except (ValueError, KeyError, TypeError):
             return f"unreadable failure record {str(path)!r}"
 
+    def recorded_failures(self) -> list[tuple[str, str]]:
+        """(folder name, reason) of every failed build or load recorded here (for `doctor`)."""
+        found = []
+        for path in sorted(self.root.glob("*/failed.json")) if self.root.is_dir() else []:
+            try:
+                reason = str(json.loads(path.read_text(encoding="utf-8"))["reason"])
+            except (OSError, ValueError, KeyError, TypeError):
+                reason = "unreadable failure record"
+            found.append((path.parent.name, reason))
+        return found
+
     def record_failure(self, key: EngineKey, reason: str) -> None:
         record = {"reason": reason, "time": time.time(), "key": key.fields()}
         write_atomic(self.failure_path(key), json.dumps(record, indent=1).encode())

@@ -1,0 +1,153 @@
+"""Built engines (TensorRT, or onnxruntime on the CPU) behind the `Networks` seam.
+
+`engine_networks` exports, builds or loads, and validates an engine per component for the row
+counts the config can reach (`prepare_engines`), then hands `StreamEngine` an `EngineNetworks`:
+each ready component runs its engine through static buffers of its own, bound once per row
+count, so a captured frame graph holds the engine call (`execute_async_v3` on torch's stream).
+A component that failed, or a row count without a profile (a live step-count change beyond the
+config's), runs on the exact torch path, and `fallbacks` says why: the runtime puts that in the
+log, the status and (from the negative cache) `doctor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bridge.engine.accel.engine_cache import DeviceInfo
+from bridge.engine.accel.networks import Networks
+from bridge.engine.accel.onnx_export import (
+    Component,
+    reachable_unet_rows_for_steps,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
+from bridge.engine.accel.tensorrt import Backend, EngineReport, Prepared, prepare_engines
+
+log = logging.getLogger(__name__)
+
+ENGINE_CACHE = "engines"  # under the model cache
+
+
+class EngineNetworks(Networks):
+    """`Networks` whose ready components run as built engines; the rest stay torch."""
+
+    def __init__(self, pipe: Any, report: EngineReport, *, name: str) -> None:
+        super().__init__(pipe, name=name)
+        self.report = report
+        self.fallbacks: dict[str, str] = {c.value: reason for c, reason in report.fallbacks.items()}
+        self._slots: dict[tuple[Component, int], tuple[list[Tensor], Tensor]] = {}
+        self._dtypes = {Component.UNET: pipe.unet.dtype, Component.VAE_ENCODER: pipe.vae.dtype}
+        self._dtypes[Component.VAE_DECODER] = pipe.vae.dtype
+
+    def _ready(self, component: Component, rows: int) -> Prepared | None:
+        prepared = self.report.ready.get(component)
+        if prepared is None:
+            return None
+        if rows not in prepared.spec.rows:
+            key = f"{component.value} at {rows} rows"
+            if key not in self.fallbacks:
+                self.fallbacks[key] = (
+                    f"no engine profile for {rows} rows (built for {list(prepared.spec.rows)}): "
+                    f"the {component.value} runs in torch at this step count"
+                )
+                log.warning("%s", self.fallbacks[key])
+            return None
+        return prepared
+
+    def _run(self, prepared: Prepared, named: dict[str, Tensor]) -> Tensor:
+        """Copy the call's tensors into the static inputs (casting the UNet's int timesteps to
+        the engine's float32), run, and return the static output (valid until the next call)."""
+        spec = prepared.spec
+        rows = next(iter(named.values())).shape[0]
+        slot = self._slots.get((spec.component, rows))
+        if slot is None:  # once per row count, before any capture (warm-up runs eagerly first)
+            device = next(iter(named.values())).device
+            dtype = self._dtypes[spec.component]
+            inputs = [
+                torch.empty(s.concrete(rows), dtype=s.resolved_dtype(dtype), device=device)
+                for s in spec.inputs
+            ]
+            out_spec = spec.outputs[0]
+            output = torch.empty(out_spec.concrete(rows), dtype=out_spec.resolved_dtype(dtype), device=device)
+            prepared.runner.bind(rows, inputs, [output])
+            slot = self._slots[(spec.component, rows)] = (inputs, output)
+        inputs, output = slot
+        for tspec, buffer in zip(spec.inputs, inputs, strict=True):
+            buffer.copy_(named[tspec.name])
+        prepared.runner.run(rows)
+        return output
+
+    def unet(self, x: Tensor, timesteps: Tensor, embeds: Tensor, added: dict[str, Tensor] | None) -> Tensor:
+        prepared = self._ready(Component.UNET, x.shape[0])
+        if prepared is None:
+            return super().unet(x, timesteps, embeds, added)
+        named = {"sample": x, "timestep": timesteps, "encoder_hidden_states": embeds, **(added or {})}
+        return self._run(prepared, named)
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        prepared = self._ready(Component.VAE_ENCODER, pixels.shape[0])
+        return super().encode(pixels) if prepared is None else self._run(prepared, {"pixels": pixels})
+
+    def decode(self, latents: Tensor) -> Tensor:
+        prepared = self._ready(Component.VAE_DECODER, latents.shape[0])
+        return super().decode(latents) if prepared is None else self._run(prepared, {"latents": latents})
+
+
+def engine_networks(
+    pipe: Any,
+    *,
+    model: str,
+    width: int,
+    height: int,
+    cfg_type: str,
+    step_counts: Sequence[int],
+    frame_buffer_size: int,
+    cache_dir: Path,
+    backend: Backend | None = None,
+    device: DeviceInfo | None = None,
+    cancel: threading.Event | None = None,
+    bars: bool = True,
+) -> EngineNetworks:
+    """Engines for the UNet (every row count `step_counts` can reach with `cfg_type`), the VAE
+    encoder and decoder (f rows), built or loaded from `<cache_dir>/engines`. `backend` defaults
+    to TensorRT; where TensorRT is missing, every component falls back with the reason. Never
+    raises for a failed component (only for a stop request, BuildCancelled)."""
+    name = getattr(backend, "name", "tensorrt")
+    if backend is None or device is None:
+        try:
+            from bridge.engine.accel.tensorrt import TensorRTBackend
+
+            backend = backend if backend is not None else TensorRTBackend()
+            device = device if device is not None else DeviceInfo.current()
+        except Exception as exc:  # TensorRT missing or broken, or no GPU: the exact path, said plainly
+            reason = f"{type(exc).__name__}: {exc}"[:600]
+            log.warning("TensorRT unavailable, running every component on the exact torch path: %s", reason)
+            report = EngineReport(fallbacks=dict.fromkeys(Component, reason))
+            return EngineNetworks(pipe, report, name="torch (tensorrt unavailable)")
+        name = backend.name
+    f = frame_buffer_size
+    rows = reachable_unet_rows_for_steps(cfg_type, step_counts, f)
+    specs = [
+        unet_spec(pipe.unet, width=width, height=height, rows=rows),
+        vae_encoder_spec(pipe.vae, width=width, height=height, rows=(f,)),
+        vae_decoder_spec(pipe.vae, width=width, height=height, rows=(f,)),
+    ]
+    report = prepare_engines(
+        pipe,
+        specs,
+        model=model,
+        cache_root=Path(cache_dir).expanduser() / ENGINE_CACHE,
+        backend=backend,
+        device=device,
+        cancel=cancel,
+        bars=bars,
+    )
+    return EngineNetworks(pipe, report, name=name)

@@ -1,0 +1,176 @@
+"""`acceleration: tensorrt` wired into the engine, on the CPU: the onnxruntime backend (which runs
+the whole engine path as TensorRT would: static profiles, I/O bound by address) stands in for
+TensorRT, whose runtime cannot exist here. Also what happens where TensorRT is missing, in the
+engine, the runtime's status and `doctor`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bridge.config import load_config
+from bridge.doctor import check_config
+from bridge.engine import StreamEngine
+from bridge.engine.accel.engine_cache import DeviceInfo
+from bridge.engine.accel.engine_networks import ENGINE_CACHE, EngineNetworks, engine_networks
+from bridge.engine.accel.onnx_export import Component
+from bridge.engine.accel.tensorrt import OnnxRuntimeBackend
+from tests.conftest import pattern_uint8
+from tests.test_doctor import _rows
+
+SIZE = 32
+GPU = DeviceInfo("NVIDIA H200", (9, 0))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def ort_networks(tiny_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> EngineNetworks:
+    cache = tmp_path_factory.mktemp("engines")
+    return engine_networks(
+        tiny_pipe,
+        model="tiny",
+        width=SIZE,
+        height=SIZE,
+        cfg_type="full",
+        step_counts=(2,),
+        frame_buffer_size=1,
+        cache_dir=cache,
+        backend=OnnxRuntimeBackend(),
+        device=GPU,
+        bars=False,
+    )
+
+
+def test_engines_run_the_frame_through_static_buffers(tiny_pipe: Any, ort_networks: EngineNetworks) -> None:
+    nets = ort_networks
+    assert nets.report.ok, nets.report.fallbacks
+    assert nets.report.ready[Component.UNET].spec.rows == (2, 4)  # full, 2 steps: n and 2n rows
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="full", acceleration="tensorrt", networks=nets
+    )
+    eager = StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="full")
+    for e in (engine, eager):
+        e.prepare("a cat", negative_prompt="blurry", guidance_scale=1.8, seed=2)
+    scores = []
+    for k in range(6):
+        if k == 3:
+            for e in (engine, eager):
+                e.set_guidance_scale(1.0)  # the other profile
+        frame = pattern_uint8(k, SIZE)
+        scores.append(_psnr(engine(frame, output_type="uint8"), eager(frame, output_type="uint8")))
+    assert min(scores) > 40, scores  # fast, not exact: within float rounding of torch
+    assert set(nets._slots) == {
+        (Component.UNET, 2),
+        (Component.UNET, 4),
+        (Component.VAE_ENCODER, 1),
+        (Component.VAE_DECODER, 1),
+    }
+    assert engine.acceleration_fallback == ""
+    # The buffers are bound once: the same addresses every frame.
+    pointers = {key: out.data_ptr() for key, (_ins, out) in nets._slots.items()}
+    engine(pattern_uint8(7, SIZE), output_type="uint8")
+    assert pointers == {key: out.data_ptr() for key, (_ins, out) in nets._slots.items()}
+
+
+def test_a_step_count_without_a_profile_runs_the_unet_in_torch_and_says_so(
+    tiny_pipe: Any, ort_networks: EngineNetworks
+) -> None:
+    engine = StreamEngine(
+        tiny_pipe,
+        [32, 45],
+        width=SIZE,
+        height=SIZE,
+        cfg_type="full",
+        acceleration="tensorrt",
+        networks=ort_networks,
+    )
+    engine.prepare("a cat", guidance_scale=1.8, seed=2)
+    engine(pattern_uint8(0, SIZE), output_type="uint8")
+    engine.set_t_index_list([20, 30, 38, 45])  # 4 and 8 rows: no profile
+    out = engine(pattern_uint8(1, SIZE), output_type="uint8")
+    assert out.shape == (SIZE, SIZE, 4)
+    assert (
+        "no engine profile for 8 rows (built for [2, 4]): the unet runs in torch"
+        in engine.acceleration_fallback
+    )
+
+
+def test_without_tensorrt_every_component_runs_exactly_in_torch_and_the_status_says_why(
+    tiny_pipe: Any, tmp_path: Path
+) -> None:
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, acceleration="tensorrt", cache_dir=tmp_path
+    )
+    eager = StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE)
+    for e in (engine, eager):
+        e.prepare("a cat", seed=2)
+    assert 'pip install "streamdiffusion-bridge[tensorrt]"' in engine.acceleration_fallback
+    for k in range(3):
+        frame = pattern_uint8(k, SIZE)
+        assert np.array_equal(engine(frame, output_type="uint8"), eager(frame, output_type="uint8"))
+
+    from bridge.runtime import Bridge, EngineDriver
+    from tests.test_runtime import GatedSource, in_background, wait_for
+
+    config = load_config(
+        None,
+        ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", "engine.width=64", "engine.height=64"],
+    )
+    shown = StreamEngine(
+        tiny_pipe, [32, 45], width=64, height=64, acceleration="tensorrt", cache_dir=tmp_path
+    )
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(shown), source=GatedSource())
+    with in_background(bridge, start_timeout_s=120) as infos:
+        wait_for(lambda: len(infos) >= 2)
+        wait_for(lambda: "streamdiffusion-bridge[tensorrt]" in bridge.status().error)
+        assert bridge.status().state == "running"  # a fallback is reported, and the show goes on
+
+
+def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
+    failed = tmp_path / ENGINE_CACHE / "unet-0123abcd"
+    failed.mkdir(parents=True)
+    (failed / "failed.json").write_text(json.dumps({"reason": "BuildFailed: out of memory"}))
+    config = load_config(None, ["engine.acceleration=tensorrt", f"engine.cache_dir={tmp_path}"])
+    verdict = check_config(config, {"cuda": True}, _rows(), trt_info={"installed": True, "version": "10.9"})
+    assert verdict["can_run"] and verdict["acceleration"] == "tensorrt"
+    assert verdict["acceleration_notes"] == [
+        f"tensorrt: an earlier build failed (unet-0123abcd: BuildFailed: out of memory); that component runs "
+        f"on the exact torch path until {failed} is deleted"
+    ]
+    missing = check_config(
+        config, {"cuda": True}, _rows(), trt_info={"installed": False, "note": "not installed"}
+    )
+    assert (
+        missing["acceleration_notes"][0] == "tensorrt: not installed; frames will run on the exact torch path"
+    )
+
+
+def test_cuda_graph_is_refused_before_the_model_loads_and_by_doctor() -> None:
+    from bridge.config import ConfigError, acceleration_problem
+
+    config = load_config(None, ["engine.acceleration=cuda_graph"])
+    assert "needs an NVIDIA GPU with a CUDA build of torch" in acceleration_problem(config.engine, cuda=False)
+    assert acceleration_problem(config.engine, cuda=True) == ""
+    on_cpu = load_config(None, ["engine.acceleration=tensorrt+cuda_graph", "engine.device=cpu"])
+    assert "engine.device is cpu" in acceleration_problem(on_cpu.engine, cuda=True)
+    verdict = check_config(config, {"cuda": False, "note": "none"}, _rows())
+    assert not verdict["can_run"]
+    assert any("engine.acceleration=cuda_graph needs an NVIDIA GPU" in p for p in verdict["problems"])
+    with pytest.raises(ConfigError, match="use_denoising_batch: true"):
+        load_config(None, ["engine.acceleration=cuda_graph", "engine.use_denoising_batch=false"])
+    with pytest.raises(ConfigError, match=r"engine\.acceleration must be one of"):
+        load_config(None, ["engine.acceleration=compile+tensorrt"])
