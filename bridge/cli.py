@@ -149,12 +149,13 @@ def _run(args: argparse.Namespace) -> int:
 def _start_problems(config: Any) -> list[str]:
     """What stops `config` from starting that can be found before the model loads: the input
     and outputs checked without opening them, and the ports it listens on."""
+    from bridge.acceleration import Acceleration
     from bridge.config import acceleration_problem
     from bridge.ports import port_problems
     from bridge.transports.registry import precheck_sink, precheck_source
 
     problems = [precheck_source(config.input)]
-    if "cuda_graph" in config.engine.acceleration:
+    if Acceleration.parse(config.engine.acceleration).cuda_graph:
         import torch
 
         problems.append(acceleration_problem(config.engine, cuda=torch.cuda.is_available()))

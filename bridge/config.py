@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from bridge.acceleration import Acceleration
 from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_fields, mapping_yaml
 from bridge.params import BY_NAME, LIVE, SHOWN_CHARS, Kind, ParamError, coerce, cut, shown
 from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS
@@ -431,11 +432,14 @@ def _check(config: BridgeConfig) -> None:
         assert lo is not None and hi is not None
         if value % 8 or not lo <= value <= hi:
             fail(f"engine.{key} must be a multiple of 8 within [{lo:g}, {hi:g}], got {value}")
-    for key in ("cfg_type", "acceleration"):
-        choices = BY_NAME[key].choices
-        if getattr(e, key) not in choices:
-            fail(f"engine.{key} must be one of {', '.join(choices)}, got {shown(getattr(e, key))}")
-    if "cuda_graph" in e.acceleration and not e.use_denoising_batch:
+    choices = BY_NAME["cfg_type"].choices
+    if e.cfg_type not in choices:
+        fail(f"engine.cfg_type must be one of {', '.join(choices)}, got {shown(e.cfg_type)}")
+    try:
+        accel = Acceleration.parse(e.acceleration)
+    except ValueError as exc:
+        fail(f"engine.{cut(str(exc), 400)}")
+    if accel.cuda_graph and not e.use_denoising_batch:
         fail(
             f"engine.acceleration={e.acceleration} captures the stream batch; it needs "
             "engine.use_denoising_batch: true (the sequential reference is not captured)"
@@ -492,7 +496,7 @@ def _check(config: BridgeConfig) -> None:
 def acceleration_problem(engine: EngineConfig, *, cuda: bool) -> str:
     """Why `engine.acceleration` cannot run on this machine ("" when it can), given whether torch
     sees CUDA. Checked before the model loads (`sdbridge run`) and by `doctor`."""
-    if "cuda_graph" not in engine.acceleration:
+    if not Acceleration.parse(engine.acceleration).cuda_graph:
         return ""
     if not cuda:
         return (

@@ -33,10 +33,12 @@ def test_the_config_offers_every_acceleration_the_engine_takes() -> None:
     for spelling in ACCELERATIONS:
         assert str(Acceleration.parse(spelling)) == spelling
     assert Acceleration.parse("cuda_graph+compile") == Acceleration(compile=True, cuda_graph=True)
-    for bad in ("tensor", "compile+compile", "", "none+compile"):
-        with pytest.raises(ValueError, match="acceleration must be one of"):
+    for bad in ("tensor", "compile+compile", "", "none+compile", "compile+tensorrt"):
+        with pytest.raises(ValueError, match="acceleration must be none or parts joined by"):
             Acceleration.parse(bad)
     assert Acceleration.parse("cuda_graph").exact and not Acceleration.parse("compile").exact
+    tuned = Acceleration.parse("cudnn_benchmark+cuda_graph+channels_last")
+    assert str(tuned) == "cuda_graph+channels_last+cudnn_benchmark" and not tuned.exact
 
 
 @pytest.mark.parametrize("family", ["tiny_pipe", "tiny_sd21_pipe", "tiny_sdxl_pipe"])
@@ -151,3 +153,28 @@ def test_a_second_start_reuses_the_compile_cache_under_the_model_cache(
     assert any((compile_cache_dir(tmp_path) / "inductor").rglob("*.py")), (
         "no compiled code under the model cache"
     )
+
+
+def test_the_tuning_switches_do_what_they_say(model_cache: Path, tiny_pipe: Any) -> None:
+    """channels_last converts the weights in place (on a pipe of its own here: the session's is
+    shared) and stays close to the exact path; cudnn_benchmark turns cuDNN's switch on."""
+    from bridge.engine.loading import LoadOptions, load_pipeline
+
+    own = load_pipeline("tiny", LoadOptions(cache_dir=model_cache))
+    kept = torch.backends.cudnn.benchmark
+    try:
+        tuned = StreamEngine(
+            own, [32, 45], width=SIZE, height=SIZE, acceleration="channels_last+cudnn_benchmark"
+        )
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = kept
+    conv = own.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    eager = StreamEngine(tiny_pipe, [32, 45], width=SIZE, height=SIZE)
+    for e in (tuned, eager):
+        e.prepare("a cat", seed=3)
+    for k in range(3):
+        got = tuned(pattern_uint8(k, SIZE), output_type="uint8").astype(int)
+        want = eager(pattern_uint8(k, SIZE), output_type="uint8").astype(int)
+        assert abs(got - want).max() <= 2, k

@@ -148,6 +148,13 @@ class StreamEngine:
                 reason = "acceleration 'cuda_graph' captures the stream batch; use_denoising_batch=False is not captured"
             if reason is not None:
                 raise ValueError(reason)
+        if self.acceleration.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # process-wide, as cuDNN's own switch is
+        if self.acceleration.channels_last:
+            # In place: every engine on this pipe then runs channels-last weights (same results
+            # up to kernel choice; the benchmark gives such a contender a pipe of its own).
+            for module in (pipe.unet, pipe.vae):
+                module.to(memory_format=torch.channels_last)
         self.pipe = pipe
         self.cfg_type = CfgType.parse(cfg_type)
         self.width, self.height = width, height
