@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bridge.cli import main
@@ -76,6 +78,31 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         "osc_frames_in_between_max": 1,
         "bridge_overhead_ms_max": 1.0,
     }
+
+
+def test_agreement_is_bit_for_bit_and_psnr_from_its_definition() -> None:
+    from bridge.bench.compare import agreement, psnr_db
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(1, 255, (8, 8, 4), dtype=np.uint8) for _ in range(3)]
+    same = agreement(frames, [f.copy() for f in frames])
+    assert same.identical is True and same.psnr_db == math.inf and same.frames == 3
+    # Every RGB value one level up: MSE 1, so PSNR = 10 log10(255^2 / 1) = 48.13 dB.
+    up = [np.concatenate([f[..., :3] + 1, f[..., 3:]], axis=-1) for f in frames]
+    assert agreement(frames, up).identical is False
+    assert agreement(frames, up).psnr_db == pytest.approx(48.1308, abs=1e-4)
+    # Alpha is not compared (the engine writes 255 there; other contenders have none).
+    alpha = [np.concatenate([f[..., :3], 255 - f[..., 3:]], axis=-1) for f in frames]
+    assert agreement(frames, alpha).identical is True
+    # One value off by 255 in 3*8*8*3 values: MSE = 255^2 / 576, PSNR = 10 log10(576).
+    one = [f.copy() for f in frames]
+    one[1][2, 3, 0] = 0 if one[1][2, 3, 0] == 255 else 255
+    diff = abs(int(one[1][2, 3, 0]) - int(frames[1][2, 3, 0]))
+    assert psnr_db(np.stack(frames)[..., :3], np.stack(one)[..., :3]) == pytest.approx(
+        10 * math.log10(255**2 / (diff**2 / 576))
+    )
+    with pytest.raises(ValueError, match="same non-zero number of frames"):
+        agreement(frames, frames[:2])
 
 
 def test_bench_refuses_cuda_without_a_gpu(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
