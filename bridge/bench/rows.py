@@ -44,7 +44,9 @@ class Row:
     available: bool
     reason: str | None  # why not available
     fallback: str | None  # the engine ran eagerly although asked otherwise (engine.acceleration_fallback)
-    warmup_s: float | None  # engine.warm_up(first frame), untimed in the loop: compile / capture time
+    # engine.warm_up(first frame), untimed in the loop: compile / capture seconds. Engines on one pipe
+    # share dynamo's in-process cache, so shapes an earlier row compiled cost this row about nothing.
+    warmup_s: float | None
     engine_ms: float | None
     engine_fps: float | None
     frames_in_flight: int
@@ -109,7 +111,8 @@ def measure(
         except ValueError as exc:  # cuda_graph without CUDA: reported with its reason, not run
             missing[acc] = str(exc)
             continue
-        progress(f"  warming up acceleration {acc}")
+        if acc != REFERENCE:  # eager kernels need no warm-up (warm_up returns at once)
+            progress(f"  warming up acceleration {acc} (compiling, capturing)")
         start = time.perf_counter()
         engine.warm_up(frames[0])
         sync()

@@ -34,13 +34,14 @@ def _agreement(row: dict[str, Any]) -> str:
 
 
 def _engine_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["  ".join(title for _key, title in _COLUMNS)]
+    table = [[title for _key, title in _COLUMNS]]
     for row in report["engine"]:
-        cells = []
-        for key, title in _COLUMNS:
-            value = _agreement(row) if key == "agreement" else row[key]
-            cells.append(("-" if value is None else str(value)).rjust(len(title)))
-        lines.append("  ".join(cells))
+        values = [_agreement(row) if key == "agreement" else row[key] for key, _title in _COLUMNS]
+        table.append(["-" if value is None else str(value) for value in values])
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(_COLUMNS))]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True)) for cells in table
+    ]
     notes: dict[str, None] = {}  # each reason once, in order
     for row in report["engine"]:
         where = f"{row['steps']} step(s) {row['cfg_type']}, {row['acceleration']}"
