@@ -29,7 +29,8 @@ def _bench(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         live=not args.no_live,
         live_sizes=tuple(args.live_sizes),
-        acceleration=args.acceleration,
+        accelerations=tuple(args.acceleration),
+        compile_mode=args.compile_mode,
     )
 
     def progress(message: str) -> None:
@@ -304,11 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=31, help="timed repeats per contender (median reported)"
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
+    # The choices are bridge.engine.accel's ACCELERATIONS and accel.compile's COMPILE_MODES, spelled
+    # here so that building the parser imports no torch (tests/test_bench_cli.py checks they agree).
     bench.add_argument(
         "--acceleration",
-        default="none",
-        choices=["none", "compile"],
-        help="as engine.acceleration: compile runs torch.compile on the UNet and VAE decoder (default none)",
+        nargs="+",
+        default=["none"],
+        choices=["none", "compile", "cuda_graph", "compile+cuda_graph"],
+        help="engine.acceleration values, each an engine contender of its own in the same loop; none is "
+        "always measured, as the reference the others' frames are compared with (default none)",
+    )
+    bench.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "max-autotune-no-cudagraphs"],
+        help="inductor mode for acceleration compile (sets SDBRIDGE_COMPILE_MODE while engines are built)",
     )
     bench.add_argument(
         "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from bridge.cli import main
 
 
 def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
     code = main(
         [
             "bench",
@@ -29,6 +34,9 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
             "1",
             "--warmup",
             "1",
+            "--acceleration",
+            "none",
+            "cuda_graph",
             "--live-sizes",
             "64",
             "96",
@@ -39,15 +47,48 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["arch"] == "tiny" and report["resolution"] == [64, 64]
+    assert report["accelerations"] == ["none", "cuda_graph"] and report["compile_mode"] == "default"
+    assert "output_type='uint8'" in report["path"] and "device-to-host" in report["floor"]
+    assert "prompt_embeds" in report["diffusers_io"] and "output_type='pil'" in report["diffusers_io"]
     rows = report["engine"]
-    assert [(r["steps"], r["cfg_type"]) for r in rows] == [(1, "none"), (1, "self"), (2, "none"), (2, "self")]
+    assert [(r["steps"], r["cfg_type"], r["acceleration"]) for r in rows] == [
+        (steps, cfg, acc) for steps in (1, 2) for cfg in ("none", "self") for acc in ("none", "cuda_graph")
+    ]
     for row in rows:
-        for key in ("engine_ms", "diffusers_ms", "sequential_ms", "floor_ms"):
-            assert row[key] > 0
-        assert row["speedup_vs_diffusers"] == pytest.approx(row["diffusers_ms"] / row["engine_ms"], rel=1e-2)
-        assert row["overhead_ratio"] == pytest.approx(row["engine_ms"] / row["floor_ms"], rel=1e-2)
+        # The contenders the engines ran beside: measured once per (steps, cfg), on every row.
+        assert row["diffusers_ms"] > 0 and row["sequential_ms"] > 0
+        assert row["sequential_frames_in_flight"] == row["diffusers_frames_in_flight"] == 1
+        assert row["sequential_latency_ms"] == row["sequential_ms"]
+        assert row["diffusers_latency_ms"] == row["diffusers_ms"]
+        assert row["diffusers_fps"] == pytest.approx(1000 / row["diffusers_ms"], rel=1e-2)
+        # The stream batch's output for a frame leaves n - 1 calls later: n frames in flight.
+        assert row["frames_in_flight"] == row["steps"] == len(row["t_index_list"])
         # Identical frames with max_skip=10: exactly 10 of every 11 frames after the first skip.
         assert row["skip_rate_static"] == pytest.approx(40 / 44, abs=1e-3)
+        assert row["exact"] is True
+    for row in (r for r in rows if r["acceleration"] == "none"):
+        assert row["available"] is True and row["reason"] is None and row["fallback"] is None
+        assert row["engine_ms"] > 0 and row["floor_ms"] > 0
+        assert row["warmup_s"] == 0.0  # eager kernels need no warm-up
+        assert row["latency_ms"] == pytest.approx(row["steps"] * row["engine_ms"], rel=1e-3)
+        assert row["engine_fps"] == pytest.approx(1000 / row["engine_ms"], rel=1e-2)
+        assert row["speedup_vs_diffusers"] == pytest.approx(row["diffusers_ms"] / row["engine_ms"], rel=1e-2)
+        assert row["stream_batch_speedup"] == pytest.approx(row["sequential_ms"] / row["engine_ms"], rel=1e-2)
+        assert row["overhead_ratio"] == pytest.approx(row["engine_ms"] / row["floor_ms"], rel=1e-2)
+        assert row["floor_networks"] == "torch"
+        # The reference against itself: one timed frame per repeat, compared bit for bit.
+        assert row["identical_to_none"] is True and row["compared_frames"] == 1
+        assert row["psnr_db_vs_none"] is None
+    if not torch.cuda.is_available():
+        for row in (r for r in rows if r["acceleration"] == "cuda_graph"):
+            assert row["available"] is False
+            assert "'cuda_graph' needs an NVIDIA GPU" in row["reason"]
+            for key in ("engine_ms", "engine_fps", "latency_ms", "floor_ms", "overhead_ratio", "warmup_s"):
+                assert row[key] is None
+            assert row["identical_to_none"] is None and row["psnr_db_vs_none"] is None
+            assert row["compared_frames"] == 0
+    assert report["targets"]["overhead_ratio_max"] == 1.10
+    assert report["targets"]["speedup_vs_diffusers_min"] == {"2": 1.3, "4": 2.0}
     assert "timesteps=[the engine's taus]" in report["matching"]
     live = report["live"]
     assert [row["size"] for row in live["shm"]] == [[64, 64], [96, 96]]
@@ -76,6 +117,104 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         "osc_frames_in_between_max": 1,
         "bridge_overhead_ms_max": 1.0,
     }
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.02])
+def test_an_inexact_acceleration_is_compared_by_psnr(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch, offset: float
+) -> None:
+    """`compile` beside `none` in one loop, its frames compared with none's on the same inputs. A
+    stand-in for inductor (whose compile takes a minute here): the pipe's own networks with a
+    decoder off by `offset`, as compiled kernels are off by rounding; it records the compile mode
+    the engine was built under. With offset 0 the frames must come out identical: both engines
+    got the same frame sequence from the same state."""
+    import os
+
+    import bridge.engine.accel.compile as compile_module
+    from bridge.bench import BenchConfig, format_table, run_bench
+    from bridge.engine.accel import Networks
+
+    seen_modes = []
+
+    def off_by_a_little(pipe: Any, *, cache_dir: Path | None = None, **_kw: Any) -> Networks:
+        seen_modes.append(compile_module.compile_mode())
+        decoder = pipe.vae.decoder
+        return Networks(pipe, decoder=lambda z: decoder(z) + offset, name="stand-in compile")
+
+    monkeypatch.setattr(compile_module, "compiled_networks", off_by_a_little)
+    monkeypatch.delenv("SDBRIDGE_COMPILE_MODE", raising=False)
+    config = BenchConfig(
+        size=64,
+        steps=(2,),
+        cfg_types=("none",),
+        repeats=3,
+        warmup=0,
+        live=False,
+        accelerations=("compile",),
+        compile_mode="max-autotune-no-cudagraphs",
+        cache_dir=model_cache,
+    )
+    report = run_bench(config)
+    assert seen_modes == ["max-autotune-no-cudagraphs"]
+    assert "SDBRIDGE_COMPILE_MODE" not in os.environ  # restored after the engines were built
+    assert report["accelerations"] == ["none", "compile"]  # none added: the reference
+    assert report["compile_mode"] == "max-autotune-no-cudagraphs"
+    none, compiled = report["engine"]
+    assert compiled["acceleration"] == "compile" and compiled["exact"] is False
+    assert compiled["available"] is True and compiled["engine_ms"] > 0
+    assert compiled["latency_ms"] == pytest.approx(2 * compiled["engine_ms"], rel=1e-3)
+    assert compiled["floor_networks"] == "stand-in compile" and none["floor_networks"] == "torch"
+    assert compiled["overhead_ratio"] == pytest.approx(compiled["engine_ms"] / compiled["floor_ms"], rel=1e-2)
+    assert compiled["compared_frames"] == 3
+    if offset == 0.0:
+        assert compiled["identical_to_none"] is True and compiled["psnr_db_vs_none"] is None
+    else:
+        # 0.02 in [-1, 1] is 2.55 levels before rounding and clamping: about 40 dB, far from identical.
+        assert compiled["identical_to_none"] is False
+        assert isinstance(compiled["psnr_db_vs_none"], float) and 30.0 < compiled["psnr_db_vs_none"] < 60.0
+    assert isinstance(compiled["warmup_s"], float) and compiled["warmup_s"] >= 0.0
+    table = format_table(report)
+    assert ("identical" if offset == 0.0 else f"{compiled['psnr_db_vs_none']} dB") in table
+
+
+def test_agreement_is_bit_for_bit_and_psnr_from_its_definition() -> None:
+    from bridge.bench.compare import agreement, psnr_db
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(1, 255, (8, 8, 4), dtype=np.uint8) for _ in range(3)]
+    same = agreement(frames, [f.copy() for f in frames])
+    assert same.identical is True and same.psnr_db == math.inf and same.frames == 3
+    # Every RGB value one level up: MSE 1, so PSNR = 10 log10(255^2 / 1) = 48.13 dB.
+    up = [np.concatenate([f[..., :3] + 1, f[..., 3:]], axis=-1) for f in frames]
+    assert agreement(frames, up).identical is False
+    assert agreement(frames, up).psnr_db == pytest.approx(48.1308, abs=1e-4)
+    # Alpha is not compared (the engine writes 255 there; other contenders have none).
+    alpha = [np.concatenate([f[..., :3], 255 - f[..., 3:]], axis=-1) for f in frames]
+    assert agreement(frames, alpha).identical is True
+    # One value off by 255 in 3*8*8*3 values: MSE = 255^2 / 576, PSNR = 10 log10(576).
+    one = [f.copy() for f in frames]
+    one[1][2, 3, 0] = 0 if one[1][2, 3, 0] == 255 else 255
+    diff = abs(int(one[1][2, 3, 0]) - int(frames[1][2, 3, 0]))
+    assert psnr_db(np.stack(frames)[..., :3], np.stack(one)[..., :3]) == pytest.approx(
+        10 * math.log10(255**2 / (diff**2 / 576))
+    )
+    with pytest.raises(ValueError, match="same non-zero number of frames"):
+        agreement(frames, frames[:2])
+
+
+def test_bench_acceleration_choices_are_the_engines() -> None:
+    """The CLI spells the choices itself (building the parser imports no torch): they must agree."""
+    import argparse
+
+    from bridge.cli import build_parser
+    from bridge.engine.accel import ACCELERATIONS
+    from bridge.engine.accel.compile import COMPILE_MODES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench = {a.dest: a for a in sub.choices["bench"]._actions}
+    assert tuple(bench["acceleration"].choices) == ACCELERATIONS and bench["acceleration"].default == ["none"]
+    assert bench["acceleration"].nargs == "+"
+    assert tuple(bench["compile_mode"].choices) == COMPILE_MODES
 
 
 def test_bench_refuses_cuda_without_a_gpu(model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:

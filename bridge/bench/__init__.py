@@ -1,227 +1,99 @@
 """Measurements behind `sdbridge bench`: ratios taken side by side in one run.
 
-For each step count and cfg mode, four contenders run in rotation (so machine noise hits them
-alike), each after warm-up, and the median of the repeats is reported:
+Every contender is timed on the runtime's path: an (H, W, 4) uint8 frame on the host in, uint8
+pixels on the host out, so the host-to-device and device-to-host copies are inside the time. For
+each step count and cfg mode, these run in rotation (so machine noise hits them alike), each
+after warm-up, on the same sequence of frames, and the median of the repeats is reported:
 
-- the engine (stream batch);
-- the engine's sequential reference (`use_denoising_batch=False`);
-- diffusers' own img2img pipeline on the same components. Its steps are matched exactly: it is
-  given the engine's timesteps (`timesteps=[tau_0..tau_{n-1}]`, `strength=1.0`), so it runs n
-  UNet calls of batch 1 at the very timesteps of the engine's one call of batch n, with
-  `guidance_scale=1.0`: no extra UNet work, as in the engine's `none` and `self` modes;
-- the bare forward floor: the same UNet batch + VAE encode + VAE decode, timed alone.
+- the engine (stream batch, `output_type="uint8"`), once per acceleration asked for (`none`
+  always among them): compiled or captured by `engine.warm_up(first frame)` before the loop,
+  untimed, its seconds reported as `warmup_s`;
+- the engine's sequential reference (`use_denoising_batch=False`, acceleration `none`);
+- diffusers' own img2img pipeline on the same components, prompt embeddings computed once with
+  its `encode_prompt`. Its steps are matched exactly: it is given the engine's timesteps
+  (`timesteps=[tau_0..tau_{n-1}]`, `strength=1.0`), so it runs n UNet calls of batch 1 at the
+  very timesteps of the engine's one call of batch n, with `guidance_scale=1.0`: no extra UNet
+  work, as in the engine's `none` and `self` modes. PIL image in, `output_type="pil"` out;
+- the bare forward floor (contenders.FLOOR_INCLUDES), through each engine's own networks.
 
-Also the similarity filter's skip rate on a static input. No figure is asserted anywhere;
-targets are reported next to the measurements.
+Throughput (ms per frame, fps) and latency (frames in flight x ms: n for the stream batch, whose
+output for a frame leaves n - 1 calls later; 1 for sequential and diffusers) are both reported.
+Accelerated engines' frames are compared with `none`'s on the same inputs: bit for bit for exact
+accelerations, by PSNR for inexact ones. Also the similarity filter's skip rate on a static
+input. No figure is asserted anywhere; targets are reported next to the measurements.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
+from bridge.bench.config import T_INDEX_PRESETS, TARGETS, TINY_BENCH_SIZE, BenchConfig
+from bridge.bench.contenders import DIFFUSERS_IO, FLOOR_INCLUDES
+from bridge.bench.rows import REFERENCE, Row, measure
+from bridge.bench.table import format_table
 from bridge.engine import StreamEngine
+from bridge.engine.accel import ACCELERATIONS, Acceleration
+from bridge.engine.accel.compile import COMPILE_MODES
 from bridge.engine.fullsize import FULLSIZE_ARCHS, build_fullsize_pipeline
 from bridge.engine.loading import LoadOptions, load_pipeline
 
-# The tiny model is benchmarked at 128 px: there its UNet is ~77% of a frame's forward work, as a
-# real sd-turbo frame's is at 512 px (804 of 1,068 GFLOP). At its native 256 px the unbatchable
-# VAE is ~45% instead. `--size` measures any other size.
-TINY_BENCH_SIZE = 128
+__all__ = [
+    "TARGETS",
+    "TINY_BENCH_SIZE",
+    "T_INDEX_PRESETS",
+    "BenchConfig",
+    "Row",
+    "accelerations_of",
+    "format_table",
+    "measure",
+    "run_bench",
+]
 
-# t_index presets per step count (ascending; the first is, in effect, the img2img strength).
-T_INDEX_PRESETS: dict[int, list[int]] = {1: [35], 2: [32, 45], 3: [20, 32, 45], 4: [20, 30, 38, 45]}
-TARGETS = {
-    "speedup_vs_diffusers_min": 1.5,
-    "overhead_ratio_max": 1.10,
-    "note": "CPU tiny-model targets: overhead <= 1.10 at every step count; >= 1.5x diffusers at 2 and 4 "
-    "steps; at 1 step the UNet+VAE floor bounds the ratio, so 1 step only has to beat diffusers.",
-}
-
-
-@dataclass
-class BenchConfig:
-    """What to measure. Built by the CLI; the defaults are the CPU tiny-model run."""
-
-    device: str = "cpu"
-    arch: str = "tiny"  # "tiny" or a full-size random-weight architecture (FULLSIZE_ARCHS)
-    size: int = 0  # pixels; 0 = the architecture's native size
-    steps: Sequence[int] = (1, 2, 4)
-    cfg_types: Sequence[str] = ("none", "self")
-    repeats: int = 31
-    warmup: int = 3
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
-    live: bool = True  # also measure the live bridge: shm round trip, OSC to applied, overhead
-    live_sizes: Sequence[int] = (512, 1024)  # shm and sink frame sizes, pixels; overhead at the first
-    acceleration: str = "none"  # engine.acceleration applied to the shared components (none|compile)
+COMPILE_MODE_ENV = "SDBRIDGE_COMPILE_MODE"  # read by bridge/engine/accel/compile.py when an engine is built
 
 
-@dataclass
-class Row:
-    steps: int
-    cfg_type: str
-    t_index_list: list[int]
-    engine_ms: float
-    engine_fps: float
-    sequential_ms: float
-    stream_batch_speedup: float
-    diffusers_ms: float
-    speedup_vs_diffusers: float
-    floor_ms: float
-    overhead_ratio: float
-    skip_rate_static: float
+def accelerations_of(asked: Any) -> list[str]:
+    """The accelerations to measure, spelled canonically, each once, `none` first (the reference)."""
+    spelled = []
+    for text in [REFERENCE, *asked]:
+        name = str(Acceleration.parse(text))
+        if name not in spelled:
+            spelled.append(name)
+    return spelled
 
 
-def _sync(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def _median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000.0, 3)
-
-
-def _pipeline_reference(pipe: Any) -> Any:
-    from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
-
-    cls = (
-        StableDiffusionXLImg2ImgPipeline
-        if getattr(pipe, "text_encoder_2", None) is not None
-        else StableDiffusionImg2ImgPipeline
-    )
-    ref = cls(**pipe.components)
-    ref.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return ref
-
-
-@torch.no_grad()
-def _floor_call(engine: StreamEngine, pixels: torch.Tensor) -> Callable[[], Any]:
-    """The bare forward work of one engine frame: VAE encode, one UNet call on the engine's own
-    prepared batch, VAE decode. Nothing else."""
-    pipe = engine.pipe
-    engine(pixels)  # builds the engine's prepared UNet inputs
-    inputs = engine.prepared_unet_inputs
-    rows = inputs.timesteps.shape[0]
-    latents = torch.randn(
-        (rows, 4, engine.height // 8, engine.width // 8), device=engine.device, dtype=engine.dtype
-    )
-    scaled = pixels.to(engine.device, engine.dtype) * 2 - 1
-    is_kl = hasattr(pipe.vae, "quant_conv")
-
-    def run() -> Any:
-        with torch.no_grad():
-            enc = pipe.vae.encode(scaled)
-            _ = enc.latent_dist.mean if is_kl else enc.latents
-            pipe.unet(
-                latents,
-                inputs.timesteps,
-                encoder_hidden_states=inputs.embeds,
-                added_cond_kwargs=inputs.added,
-                return_dict=False,
-            )
-            return pipe.vae.decode(latents[-1:], return_dict=False)[0]
-
-    return run
-
-
-def measure(pipe: Any, config: BenchConfig, steps: int, cfg: str, size: int) -> Row:
-    """One row of the benchmark: four contenders in rotation, medians of `config.repeats`."""
-    t_index = T_INDEX_PRESETS[steps]
-    sync = _sync(config.device)
-    gen = torch.Generator().manual_seed(0)
-    frames = [torch.rand((1, 3, size, size), generator=gen) for _ in range(4)]
-    prompt = "a photo of a cat, oil painting"
-
-    def engine_of(batch: bool) -> StreamEngine:
-        engine = StreamEngine(
-            pipe,
-            t_index,
-            width=size,
-            height=size,
-            cfg_type=cfg,
-            use_denoising_batch=batch,
-            acceleration=config.acceleration if batch else "none",
-            cache_dir=config.cache_dir,
-        )
-        engine.prepare(prompt, guidance_scale=1.2, delta=1.0, seed=2)
-        return engine
-
-    stream, sequential = engine_of(True), engine_of(False)
-    reference = _pipeline_reference(pipe)
-    taus = [999 - 20 * i for i in t_index]
-    floor = _floor_call(engine_of(True), frames[0])
-    counter = {"k": 0}
-
-    def next_frame() -> torch.Tensor:
-        counter["k"] += 1
-        return frames[counter["k"] % len(frames)]
-
-    contenders: dict[str, Callable[[], Any]] = {
-        "engine": lambda: stream(next_frame()),
-        "sequential": lambda: sequential(next_frame()),
-        "diffusers": lambda: reference(
-            prompt=prompt,
-            image=next_frame(),
-            strength=1.0,
-            num_inference_steps=steps,
-            timesteps=taus,
-            guidance_scale=1.0,
-            output_type="pt",
-        ),
-        "floor": floor,
-    }
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(config.warmup):
-        for call in contenders.values():
-            call()
-    sync()
-    for _ in range(config.repeats):
-        for name, call in contenders.items():
-            start = time.perf_counter()
-            call()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    ms = {name: _median_ms(values) for name, values in samples.items()}
-
-    static = engine_of(True)
-    static.set_similarity_filter(enabled=True, threshold=0.98, max_skip=10)
-    still = frames[0]
-    for _ in range(44):
-        static(still)
-    skip_rate = static.stats.skipped / static.stats.frames
-
-    return Row(
-        steps=steps,
-        cfg_type=cfg,
-        t_index_list=t_index,
-        engine_ms=ms["engine"],
-        engine_fps=round(1000.0 / ms["engine"], 2),
-        sequential_ms=ms["sequential"],
-        stream_batch_speedup=round(ms["sequential"] / ms["engine"], 3),
-        diffusers_ms=ms["diffusers"],
-        speedup_vs_diffusers=round(ms["diffusers"] / ms["engine"], 3),
-        floor_ms=ms["floor"],
-        overhead_ratio=round(ms["engine"] / ms["floor"], 3),
-        skip_rate_static=round(skip_rate, 3),
-    )
+@contextmanager
+def _compile_mode(mode: str) -> Iterator[None]:
+    """`mode` in the environment compile.py reads while engines are built; restored after."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    kept = os.environ.get(COMPILE_MODE_ENV)
+    os.environ[COMPILE_MODE_ENV] = mode
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop(COMPILE_MODE_ENV, None)
+        else:
+            os.environ[COMPILE_MODE_ENV] = kept
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
-    """Run every (steps, cfg) row and return the JSON-ready report."""
+    """Run every (steps, cfg) row, each acceleration side by side, and return the JSON-ready report."""
     import diffusers
 
     for n in config.steps:
         if n not in T_INDEX_PRESETS:
             raise ValueError(f"steps must be among {sorted(T_INDEX_PRESETS)}, got {n}")
+    accelerations = accelerations_of(config.accelerations)  # ValueError names the valid spellings
+    config = replace(config, accelerations=tuple(accelerations))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {config.device!r} asked for, but torch sees no CUDA device on this machine"
@@ -239,10 +111,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
     else:
         raise ValueError(f"arch must be 'tiny' or one of {', '.join(FULLSIZE_ARCHS)}, got {config.arch!r}")
     rows = []
-    for steps in config.steps:
-        for cfg in config.cfg_types:
-            progress(f"measuring {steps} step(s), cfg_type={cfg}")
-            rows.append(asdict(measure(pipe, config, steps, cfg, size)))
+    with _compile_mode(config.compile_mode):
+        for steps in config.steps:
+            for cfg in config.cfg_types:
+                progress(
+                    f"measuring {steps} step(s), cfg_type={cfg}, accelerations {' '.join(accelerations)}"
+                )
+                rows += [asdict(row) for row in measure(pipe, config, steps, cfg, size, progress)]
     live = None
     if config.live:
         from bridge.bench_live import run_live_bench
@@ -254,75 +129,37 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
             )
 
         live = run_live_bench(factory_for, progress, osc_size=size, sizes=tuple(config.live_sizes))
-    device_name = (
-        torch.cuda.get_device_name(0)
-        if config.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
+    cuda = config.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     return {
         "device": config.device,
         "device_name": device_name,
         "arch": config.arch,
         "dtype": str(dtype).removeprefix("torch."),
-        "acceleration": config.acceleration,
+        "accelerations": accelerations,
+        "compile_mode": config.compile_mode,
         "resolution": [size, size],
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(),
         "repeats": config.repeats,
         "warmup": config.warmup,
+        "timing": "wall clock per call"
+        + (", torch.cuda.synchronize() before the clock stops" if cuda else " (time.perf_counter)"),
+        "path": "uint8 (H, W, 4) host frames in, output_type='uint8' out: the runtime's path, "
+        "host-to-device and device-to-host copies included",
+        "latency": "latency_ms = frames_in_flight x ms: the stream batch's output for a frame leaves "
+        "n - 1 calls after it went in (frames_in_flight = n); sequential and diffusers return the "
+        "frame they were given (1)",
+        "floor": FLOOR_INCLUDES,
+        "diffusers_io": DIFFUSERS_IO,
         "matching": "diffusers img2img gets timesteps=[the engine's taus], strength=1.0, guidance_scale=1.0: "
         "n UNet calls of batch 1 at the engine's timesteps vs the engine's one call of batch n",
+        "comparison": "each acceleration's timed outputs against acceleration none's on the same input "
+        "sequence: identical_to_none (bit for bit); psnr_db_vs_none for inexact accelerations "
+        "(null when identical)",
+        "known_accelerations": list(ACCELERATIONS),
         "engine": rows,
         "targets": TARGETS,
         "live": live,
     }
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """A human-readable table of `run_bench`'s report."""
-    head = (
-        f"{report['arch']} on {report['device']} ({report['device_name']}), {report['resolution'][0]}px, "
-        f"{report['dtype']}, acceleration {report['acceleration']}"
-    )
-    cols = (
-        "steps",
-        "cfg_type",
-        "engine_ms",
-        "engine_fps",
-        "diffusers_ms",
-        "speedup_vs_diffusers",
-        "stream_batch_speedup",
-        "floor_ms",
-        "overhead_ratio",
-        "skip_rate_static",
-    )
-    lines = [head, "  ".join(cols)]
-    for row in report["engine"]:
-        lines.append("  ".join(str(row[c]).rjust(len(c)) for c in cols))
-    live = report.get("live")
-    if live:
-        for row in live["shm"]:
-            lines.append(
-                f"shm round trip {row['size'][0]}px: {row['shm_round_trip_ms']} ms vs numpy copy "
-                f"{row['numpy_copy_ms']} ms ({row['ratio_vs_copy']}x)"
-            )
-        for row in live["sinks"]:
-            if not row["available"]:
-                lines.append(f"sink {row['kind']}: not measured here ({row['reason']})")
-                continue
-            lines.append(
-                f"sink {row['kind']} write {row['size'][0]}px: {row['write_ms']} ms vs numpy copy "
-                f"{row['numpy_copy_ms']} ms ({row['ratio_vs_copy']}x)"
-            )
-        osc = live["osc"]
-        lines.append(
-            f"OSC to applied {osc['size'][0]}px: {osc['osc_to_applied_ms']} ms (frame {osc['frame_ms']} ms), "
-            f"at most {osc['frames_in_between_max']} frame(s) in between"
-        )
-        ov = live["overhead"]
-        lines.append(
-            f"bridge overhead {ov['size'][0]}px: latency {ov['latency_ms']} ms - engine {ov['engine_ms']} ms "
-            f"= {ov['overhead_ms']} ms"
-        )
-    return "\n".join(lines)

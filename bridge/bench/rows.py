@@ -1,0 +1,230 @@
+"""One (steps, cfg_type) measurement: every contender in rotation on the same frames.
+
+The contenders are one engine per acceleration, the engine's sequential reference, diffusers'
+img2img and the bare forward floor (one per set of networks the engines run: eager, compiled).
+Each gets the same sequence of uint8 frames (frame k of the sequence at its k-th call, warm-up
+calls included), so engines that start from the same `prepare` hold the same state at every call
+and their outputs can be compared frame by frame.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bridge.bench.compare import agreement
+from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
+from bridge.bench.contenders import Contender, bench_frames, device_sync, diffusers_call, floor_call
+from bridge.engine import StreamEngine
+from bridge.engine.accel import Acceleration
+
+REFERENCE = "none"  # the acceleration the others' outputs are compared with
+
+
+@dataclass
+class Row:
+    """One acceleration's engine at one (steps, cfg_type), with the contenders it ran beside.
+
+    Throughput is ms per call and fps = 1000 / ms. Latency is frames_in_flight x ms: the stream
+    batch's output for a frame leaves n - 1 calls after it went in (n = steps), so its frames in
+    flight are n; sequential and diffusers return the frame they were given (1). The engine
+    figures are None where the acceleration cannot run here (`available` False, `reason`)."""
+
+    steps: int
+    cfg_type: str
+    t_index_list: list[int]
+    acceleration: str
+    exact: bool  # Acceleration.parse(acceleration).exact: frames should equal `none`'s
+    available: bool
+    reason: str | None  # why not available
+    fallback: str | None  # the engine ran eagerly although asked otherwise (engine.acceleration_fallback)
+    # engine.warm_up(first frame), untimed in the loop: compile / capture seconds. Engines on one pipe
+    # share dynamo's in-process cache, so shapes an earlier row compiled cost this row about nothing.
+    warmup_s: float | None
+    engine_ms: float | None
+    engine_fps: float | None
+    frames_in_flight: int
+    latency_ms: float | None
+    sequential_ms: float
+    sequential_fps: float
+    sequential_frames_in_flight: int
+    sequential_latency_ms: float
+    stream_batch_speedup: float | None  # sequential_ms / engine_ms
+    diffusers_ms: float
+    diffusers_fps: float
+    diffusers_frames_in_flight: int
+    diffusers_latency_ms: float
+    speedup_vs_diffusers: float | None  # diffusers_ms / engine_ms
+    floor_networks: str | None  # the networks the floor ran: the engine's own ("torch", "compile (...)")
+    floor_ms: float | None
+    overhead_ratio: float | None  # engine_ms / floor_ms
+    identical_to_none: bool | None  # every timed output equal to `none`'s on the same frame
+    psnr_db_vs_none: float | None  # inexact accelerations; None when identical (infinite) or not run
+    compared_frames: int
+    skip_rate_static: float
+
+
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000.0, 3)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None else round(num / den, 3)
+
+
+def measure(
+    pipe: Any, config: BenchConfig, steps: int, cfg: str, size: int, progress: Callable[[str], None]
+) -> list[Row]:
+    """Rows for every acceleration in `config.accelerations` (`none` first) at (steps, cfg)."""
+    t_index = T_INDEX_PRESETS[steps]
+    n = len(t_index)
+    sync = device_sync(config.device)
+    frames = bench_frames(size)
+
+    def engine_of(acceleration: str, *, batch: bool = True) -> StreamEngine:
+        engine = StreamEngine(
+            pipe,
+            t_index,
+            width=size,
+            height=size,
+            cfg_type=cfg,
+            use_denoising_batch=batch,
+            acceleration=acceleration,
+            cache_dir=config.cache_dir,
+        )
+        engine.prepare(PROMPT, guidance_scale=1.2, delta=1.0, seed=2)
+        return engine
+
+    # 1. One engine per acceleration, made ready (compiled, captured) before any timing.
+    engines: dict[str, StreamEngine] = {}
+    missing: dict[str, str] = {}
+    warmup_s: dict[str, float] = {}
+    for acc in config.accelerations:
+        try:
+            engine = engine_of(acc)
+        except ValueError as exc:  # cuda_graph without CUDA: reported with its reason, not run
+            missing[acc] = str(exc)
+            continue
+        if acc != REFERENCE:  # eager kernels need no warm-up (warm_up returns at once)
+            progress(f"  warming up acceleration {acc} (compiling, capturing)")
+        start = time.perf_counter()
+        engine.warm_up(frames[0])
+        sync()
+        warmup_s[acc] = round(time.perf_counter() - start, 3)
+        engines[acc] = engine
+
+    # 2. The other contenders. The floor runs on the UNet inputs an eager engine prepares (the
+    #    same for every acceleration), through each engine's own networks.
+    sequential = engine_of("none", batch=False)
+    floor_source = engine_of("none")
+    floor_source(frames[0], output_type="uint8")
+    floors: dict[str, Contender] = {}
+    floor_of: dict[str, str] = {}
+    for acc, engine in engines.items():
+        name = engine.nets.name
+        if name not in floors:
+            floors[name] = floor_call(
+                engine.nets,
+                floor_source.prepared_unet_inputs,
+                size=size,
+                device=engine.device,
+                dtype=engine.dtype,
+            )
+        floor_of[acc] = name
+    taus = [999 - 20 * i for i in t_index]
+    contenders: dict[str, Contender] = {
+        **{f"engine[{acc}]": _uint8_call(engine) for acc, engine in engines.items()},
+        "sequential": _uint8_call(sequential),
+        "diffusers": diffusers_call(pipe, PROMPT, steps=steps, timesteps=taus),
+        **{f"floor[{name}]": call for name, call in floors.items()},
+    }
+
+    # 3. All in rotation, each on its own next frame of the same sequence.
+    calls = dict.fromkeys(contenders, 0)
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    outputs: dict[str, list[np.ndarray]] = {acc: [] for acc in engines}
+
+    def call(name: str) -> tuple[float, Any]:
+        frame = frames[calls[name] % len(frames)]
+        calls[name] += 1
+        start = time.perf_counter()
+        out = contenders[name](frame)
+        sync()
+        return time.perf_counter() - start, out
+
+    for _ in range(config.warmup):
+        for name in contenders:
+            call(name)
+    for _ in range(config.repeats):
+        for name in contenders:
+            seconds, out = call(name)
+            samples[name].append(seconds)
+            if name.startswith("engine["):
+                outputs[name[len("engine[") : -1]].append(np.array(out))  # the ring slot is reused
+    ms = {name: _median_ms(values) for name, values in samples.items()}
+
+    # 4. The similarity filter on a still input (eager engine).
+    static = engine_of("none")
+    static.set_similarity_filter(enabled=True, threshold=0.98, max_skip=10)
+    for _ in range(44):
+        static(frames[0], output_type="uint8")
+    skip_rate = round(static.stats.skipped / static.stats.frames, 3)
+
+    rows = []
+    for acc in config.accelerations:
+        engine_ms = ms.get(f"engine[{acc}]")
+        floor_ms = ms[f"floor[{floor_of[acc]}]"] if acc in floor_of else None
+        identical = psnr = None
+        compared = 0
+        if acc in engines and REFERENCE in engines:
+            agree = agreement(outputs[REFERENCE], outputs[acc])
+            identical, compared = agree.identical, agree.frames
+            if not Acceleration.parse(acc).exact and not math.isinf(agree.psnr_db):
+                psnr = round(agree.psnr_db, 2)
+        ready = engines.get(acc)
+        rows.append(
+            Row(
+                steps=steps,
+                cfg_type=cfg,
+                t_index_list=t_index,
+                acceleration=acc,
+                exact=Acceleration.parse(acc).exact,
+                available=acc in engines,
+                reason=missing.get(acc),
+                fallback=(ready.acceleration_fallback or None) if ready is not None else None,
+                warmup_s=warmup_s.get(acc),
+                engine_ms=engine_ms,
+                engine_fps=None if engine_ms is None else round(1000.0 / engine_ms, 2),
+                frames_in_flight=n,
+                latency_ms=None if engine_ms is None else round(n * engine_ms, 3),
+                sequential_ms=ms["sequential"],
+                sequential_fps=round(1000.0 / ms["sequential"], 2),
+                sequential_frames_in_flight=1,
+                sequential_latency_ms=ms["sequential"],
+                stream_batch_speedup=_ratio(ms["sequential"], engine_ms),
+                diffusers_ms=ms["diffusers"],
+                diffusers_fps=round(1000.0 / ms["diffusers"], 2),
+                diffusers_frames_in_flight=1,
+                diffusers_latency_ms=ms["diffusers"],
+                speedup_vs_diffusers=_ratio(ms["diffusers"], engine_ms),
+                floor_networks=floor_of.get(acc),
+                floor_ms=floor_ms,
+                overhead_ratio=_ratio(engine_ms, floor_ms),
+                identical_to_none=identical,
+                psnr_db_vs_none=psnr,
+                compared_frames=compared,
+                skip_rate_static=skip_rate,
+            )
+        )
+    return rows
+
+
+def _uint8_call(engine: StreamEngine) -> Contender:
+    """The runtime's call: a uint8 frame in, the (H, W, 4) uint8 ring slot out."""
+    return lambda frame: engine(frame, output_type="uint8")
