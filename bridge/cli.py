@@ -147,6 +147,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _acceleration_value(text: str) -> str:
+    """An `--acceleration` value, checked and spelled as the engine spells it."""
+    from bridge.acceleration import Acceleration
+
+    try:
+        return str(Acceleration.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _start_problems(config: Any) -> list[str]:
     """What stops `config` from starting that can be found before the model loads: the input
     and outputs checked without opening them, and the ports it listens on."""
@@ -305,15 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=31, help="timed repeats per contender (median reported)"
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
-    # The choices are bridge.engine.accel's ACCELERATIONS and accel.compile's COMPILE_MODES, spelled
-    # here so that building the parser imports no torch (tests/test_bench_cli.py checks they agree).
+    # COMPILE_MODES of bridge.engine.accel.compile, spelled here so that building the parser
+    # imports no torch (tests/test_bench_cli.py checks they agree).
     bench.add_argument(
         "--acceleration",
         nargs="+",
         default=["none"],
-        choices=["none", "compile", "cuda_graph", "compile+cuda_graph"],
-        help="engine.acceleration values, each an engine contender of its own in the same loop; none is "
-        "always measured, as the reference the others' frames are compared with (default none)",
+        type=_acceleration_value,
+        help="engine.acceleration values (such as cuda_graph, compile+cuda_graph, "
+        "cuda_graph+channels_last+cudnn_benchmark), each an engine contender of its own in the same "
+        "loop; none is always measured, as the reference the others' frames are compared with",
     )
     bench.add_argument(
         "--compile-mode",

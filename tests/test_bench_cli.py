@@ -212,8 +212,12 @@ def test_bench_acceleration_choices_are_the_engines() -> None:
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     bench = {a.dest: a for a in sub.choices["bench"]._actions}
-    assert tuple(bench["acceleration"].choices) == ACCELERATIONS and bench["acceleration"].default == ["none"]
-    assert bench["acceleration"].nargs == "+"
+    assert bench["acceleration"].default == ["none"] and bench["acceleration"].nargs == "+"
+    spell = bench["acceleration"].type
+    assert [spell(a) for a in ACCELERATIONS] == list(ACCELERATIONS)
+    assert spell("channels_last+cuda_graph") == "cuda_graph+channels_last"
+    with pytest.raises(argparse.ArgumentTypeError, match="'graphs' is not one of"):
+        spell("graphs")
     assert tuple(bench["compile_mode"].choices) == COMPILE_MODES
 
 

@@ -9,6 +9,7 @@ and their outputs can be compared frame by frame.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from bridge.bench.compare import agreement
 from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
@@ -25,6 +27,17 @@ from bridge.engine import StreamEngine
 from bridge.engine.accel import Acceleration
 
 REFERENCE = "none"  # the acceleration the others' outputs are compared with
+_OWN_PIPES: dict[int, Any] = {}  # a channels_last copy per pipe: the engine converts weights in place
+
+
+def _pipe_for(pipe: Any, acceleration: str) -> Any:
+    """The pipe an acceleration's engine runs on: a copy of its own for `channels_last` (which
+    converts the weights in place), so the other contenders keep the default layout."""
+    if not Acceleration.parse(acceleration).channels_last:
+        return pipe
+    if id(pipe) not in _OWN_PIPES:
+        _OWN_PIPES[id(pipe)] = copy.deepcopy(pipe)
+    return _OWN_PIPES[id(pipe)]
 
 
 @dataclass
@@ -89,7 +102,7 @@ def measure(
 
     def engine_of(acceleration: str, *, batch: bool = True) -> StreamEngine:
         engine = StreamEngine(
-            pipe,
+            _pipe_for(pipe, acceleration),
             t_index,
             width=size,
             height=size,
@@ -98,6 +111,7 @@ def measure(
             acceleration=acceleration,
             cache_dir=config.cache_dir,
         )
+        torch.backends.cudnn.benchmark = False  # process-wide: set per call below, side by side
         engine.prepare(PROMPT, guidance_scale=1.2, delta=1.0, seed=2)
         return engine
 
@@ -150,9 +164,14 @@ def measure(
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     outputs: dict[str, list[np.ndarray]] = {acc: [] for acc in engines}
 
+    # cudnn_benchmark is cuDNN's process-wide switch: on only while its own engine runs.
+    cudnn = {name: False for name in contenders}
+    cudnn.update({f"engine[{acc}]": Acceleration.parse(acc).cudnn_benchmark for acc in engines})
+
     def call(name: str) -> tuple[float, Any]:
         frame = frames[calls[name] % len(frames)]
         calls[name] += 1
+        torch.backends.cudnn.benchmark = cudnn[name]
         start = time.perf_counter()
         out = contenders[name](frame)
         sync()

@@ -184,6 +184,8 @@ class StreamEngine:
                 cache_dir=cache_dir if cache_dir is not None else Path.home() / ".cache" / "sdbridge",
             )
         self.nets = networks if networks is not None else Networks(pipe)
+        if self.acceleration.channels_last:
+            self.nets.name += " (channels_last)"
         self._vae_is_kl = self.nets.is_kl  # AutoencoderKL samples; AutoencoderTiny does not
         self._prompts = PromptCache(pipe, device=self.device, dtype=self.dtype)
         self.similarity = SimilarityFilter(seed=similarity_seed)
