@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# inductor's modes for `compile`. Not the ones with inductor's own CUDA graphs (reduce-overhead,
+# max-autotune): they clash with an engine that feeds a frame's outputs into the next and keeps
+# them across skips, and the engine captures the whole frame itself (`cuda_graph`).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+DEFAULT_COMPILE_MODE = "default"
 ACCELERATIONS = ("none", "compile", "cuda_graph", "compile+cuda_graph", "tensorrt", "tensorrt+cuda_graph")
 PARTS = ("compile", "tensorrt", "cuda_graph", "channels_last", "cudnn_benchmark")
 

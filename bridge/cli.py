@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-mode",
         default="default",
         choices=["default", "max-autotune-no-cudagraphs"],
-        help="inductor mode for acceleration compile (sets SDBRIDGE_COMPILE_MODE while engines are built)",
+        help="inductor mode for acceleration compile (as engine.compile_mode)",
     )
     bench.add_argument(
         "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"

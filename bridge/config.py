@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from bridge.acceleration import Acceleration
+from bridge.acceleration import COMPILE_MODES, Acceleration
 from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_fields, mapping_yaml
 from bridge.params import BY_NAME, LIVE, SHOWN_CHARS, Kind, ParamError, coerce, cut, shown
 from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS
@@ -37,7 +37,8 @@ class EngineConfig:
     width: int = 256
     height: int = 256
     cfg_type: str = "self"  # none | full | self | initialize
-    acceleration: str = "none"  # none | compile | cuda_graph | tensorrt, +cuda_graph (bridge/engine/accel)
+    acceleration: str = "none"  # none | compile | cuda_graph | tensorrt, +cuda_graph (bridge/acceleration.py)
+    compile_mode: str = "default"  # inductor mode for compile: default | max-autotune-no-cudagraphs
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
     frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)
@@ -439,6 +440,8 @@ def _check(config: BridgeConfig) -> None:
         accel = Acceleration.parse(e.acceleration)
     except ValueError as exc:
         fail(f"engine.{cut(str(exc), 400)}")
+    if e.compile_mode not in COMPILE_MODES:
+        fail(f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {shown(e.compile_mode)}")
     if accel.cuda_graph and not e.use_denoising_batch:
         fail(
             f"engine.acceleration={e.acceleration} captures the stream batch; it needs "

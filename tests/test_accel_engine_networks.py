@@ -176,3 +176,7 @@ def test_cuda_graph_is_refused_before_the_model_loads_and_by_doctor() -> None:
         ConfigError, match=r"engine\.acceleration must be none or parts joined by '\+'.*choose one"
     ):
         load_config(None, ["engine.acceleration=compile+tensorrt"])
+    with pytest.raises(
+        ConfigError, match=r"engine\.compile_mode must be one of default, max-autotune-no-cudagraphs"
+    ):
+        load_config(None, ["engine.compile_mode=reduce-overhead"])

@@ -128,21 +128,18 @@ def test_an_inexact_acceleration_is_compared_by_psnr(
     decoder off by `offset`, as compiled kernels are off by rounding; it records the compile mode
     the engine was built under. With offset 0 the frames must come out identical: both engines
     got the same frame sequence from the same state."""
-    import os
-
     import bridge.engine.accel.compile as compile_module
     from bridge.bench import BenchConfig, format_table, run_bench
     from bridge.engine.accel import Networks
 
     seen_modes = []
 
-    def off_by_a_little(pipe: Any, *, cache_dir: Path | None = None, **_kw: Any) -> Networks:
-        seen_modes.append(compile_module.compile_mode())
+    def off_by_a_little(pipe: Any, *, mode: str, cache_dir: Path | None = None, **_kw: Any) -> Networks:
+        seen_modes.append(mode)
         decoder = pipe.vae.decoder
         return Networks(pipe, decoder=lambda z: decoder(z) + offset, name="stand-in compile")
 
     monkeypatch.setattr(compile_module, "compiled_networks", off_by_a_little)
-    monkeypatch.delenv("SDBRIDGE_COMPILE_MODE", raising=False)
     config = BenchConfig(
         size=64,
         steps=(2,),
@@ -156,7 +153,6 @@ def test_an_inexact_acceleration_is_compared_by_psnr(
     )
     report = run_bench(config)
     assert seen_modes == ["max-autotune-no-cudagraphs"]
-    assert "SDBRIDGE_COMPILE_MODE" not in os.environ  # restored after the engines were built
     assert report["accelerations"] == ["none", "compile"]  # none added: the reference
     assert report["compile_mode"] == "max-autotune-no-cudagraphs"
     none, compiled = report["engine"]
@@ -206,9 +202,9 @@ def test_bench_acceleration_choices_are_the_engines() -> None:
     """The CLI spells the choices itself (building the parser imports no torch): they must agree."""
     import argparse
 
+    from bridge.acceleration import COMPILE_MODES
     from bridge.cli import build_parser
     from bridge.engine.accel import ACCELERATIONS
-    from bridge.engine.accel.compile import COMPILE_MODES
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     bench = {a.dest: a for a in sub.choices["bench"]._actions}

@@ -25,22 +25,20 @@ input. No figure is asserted anywhere; targets are reported next to the measurem
 
 from __future__ import annotations
 
-import os
 import platform
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
+from bridge.acceleration import COMPILE_MODES
 from bridge.bench.config import T_INDEX_PRESETS, TARGETS, TINY_BENCH_SIZE, BenchConfig
 from bridge.bench.contenders import DIFFUSERS_IO, FLOOR_INCLUDES
 from bridge.bench.rows import REFERENCE, Row, measure
 from bridge.bench.table import format_table
 from bridge.engine import StreamEngine
 from bridge.engine.accel import ACCELERATIONS, Acceleration
-from bridge.engine.accel.compile import COMPILE_MODES
 from bridge.engine.fullsize import FULLSIZE_ARCHS, build_fullsize_pipeline
 from bridge.engine.loading import LoadOptions, load_pipeline
 
@@ -56,8 +54,6 @@ __all__ = [
     "run_bench",
 ]
 
-COMPILE_MODE_ENV = "SDBRIDGE_COMPILE_MODE"  # read by bridge/engine/accel/compile.py when an engine is built
-
 
 def accelerations_of(asked: Any) -> list[str]:
     """The accelerations to measure, spelled canonically, each once, `none` first (the reference)."""
@@ -69,22 +65,6 @@ def accelerations_of(asked: Any) -> list[str]:
     return spelled
 
 
-@contextmanager
-def _compile_mode(mode: str) -> Iterator[None]:
-    """`mode` in the environment compile.py reads while engines are built; restored after."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    kept = os.environ.get(COMPILE_MODE_ENV)
-    os.environ[COMPILE_MODE_ENV] = mode
-    try:
-        yield
-    finally:
-        if kept is None:
-            os.environ.pop(COMPILE_MODE_ENV, None)
-        else:
-            os.environ[COMPILE_MODE_ENV] = kept
-
-
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Run every (steps, cfg) row, each acceleration side by side, and return the JSON-ready report."""
     import diffusers
@@ -93,6 +73,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         if n not in T_INDEX_PRESETS:
             raise ValueError(f"steps must be among {sorted(T_INDEX_PRESETS)}, got {n}")
     accelerations = accelerations_of(config.accelerations)  # ValueError names the valid spellings
+    if config.compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {config.compile_mode!r}"
+        )
     config = replace(config, accelerations=tuple(accelerations))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
@@ -115,13 +99,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     try:
-        with _compile_mode(config.compile_mode):
-            for steps in config.steps:
-                for cfg in config.cfg_types:
-                    progress(
-                        f"measuring {steps} step(s), cfg_type={cfg}, accelerations {' '.join(accelerations)}"
-                    )
-                    rows += [asdict(row) for row in measure(pipe, config, steps, cfg, size, progress)]
+        for steps in config.steps:
+            for cfg in config.cfg_types:
+                progress(
+                    f"measuring {steps} step(s), cfg_type={cfg}, accelerations {' '.join(accelerations)}"
+                )
+                rows += [asdict(row) for row in measure(pipe, config, steps, cfg, size, progress)]
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     live = None

@@ -109,6 +109,7 @@ def measure(
             cfg_type=cfg,
             use_denoising_batch=batch,
             acceleration=acceleration,
+            compile_mode=config.compile_mode,
             cache_dir=config.cache_dir,
         )
         torch.backends.cudnn.benchmark = False  # process-wide: set per call below, side by side

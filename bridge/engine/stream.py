@@ -119,11 +119,13 @@ class StreamEngine:
         similarity_seed: int | None = None,
         output_ring_depth: int = OUTPUT_RING_DEPTH,
         acceleration: str | Acceleration = "none",
+        compile_mode: str = "default",
         cache_dir: Path | None = None,
         networks: Networks | None = None,
         graph_backend: GraphBackend | None = None,
     ) -> None:
-        """`acceleration`: see bridge/engine/accel (`compile` keeps its caches under `cache_dir`).
+        """`acceleration`: see bridge/acceleration.py (`compile` runs inductor in `compile_mode`
+        and keeps its caches under `cache_dir`).
         `networks` replaces the modules a frame calls (TensorRT engines, tests); `graph_backend`
         replaces torch.cuda's capture (tests on machines without CUDA)."""
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
@@ -169,7 +171,7 @@ class StreamEngine:
         if networks is None and self.acceleration.compile:
             from bridge.engine.accel.compile import compiled_networks
 
-            networks = compiled_networks(pipe, cache_dir=cache_dir)
+            networks = compiled_networks(pipe, mode=compile_mode, cache_dir=cache_dir)
         elif networks is None and self.acceleration.tensorrt:
             from bridge.engine.accel.engine_networks import engine_networks
 

@@ -145,6 +145,7 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
         use_denoising_batch=e.use_denoising_batch,
         similarity_seed=e.similarity_seed,
         acceleration=e.acceleration,
+        compile_mode=e.compile_mode,
         cache_dir=options.cache_dir,
         networks=networks,
     )

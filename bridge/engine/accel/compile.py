@@ -11,10 +11,10 @@ Two rules hold whatever the mode:
   model cache, `<cache_dir>/compile/torch-<version>/`, so a second start of the same config
   reuses them.
 
-The mode defaults to inductor's `default`. `max-autotune-no-cudagraphs` (autotuned GEMM and
-convolution kernels, no CUDA graphs of inductor's own: the engine captures the frame itself) is
-available through `SDBRIDGE_COMPILE_MODE` and `sdbridge bench --compile-mode`; which one measures
-best on a given GPU is the benchmark's to say (docs/benchmarks.md).
+The mode (`engine.compile_mode`) defaults to inductor's `default`. `max-autotune-no-cudagraphs`
+(autotuned GEMM and convolution kernels, no CUDA graphs of inductor's own: the engine captures
+the frame itself) takes longer to compile; which one measures best on a given GPU is for
+`sdbridge bench --compile-mode` to say (docs/benchmarks.md).
 
 Compiled frames are fast, not exact: inductor fuses elementwise ops without rounding to fp16
 between them. Compare them with the exact path by PSNR, not `torch.equal`.
@@ -29,24 +29,12 @@ from typing import Any
 
 import torch
 
+from bridge.acceleration import COMPILE_MODES, DEFAULT_COMPILE_MODE
 from bridge.engine.accel.networks import Networks
 
 log = logging.getLogger(__name__)
 
-# Not the modes with inductor's own CUDA graphs (reduce-overhead, max-autotune): they clash with an
-# engine that feeds a frame's outputs into the next and keeps them across skips, and the engine
-# captures the whole frame itself (`cuda_graph`).
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-DEFAULT_COMPILE_MODE = "default"
 RECOMPILE_LIMIT = 64  # > the entries a show reaches: 3 modules x (up to 2 layouts) x step counts
-
-
-def compile_mode() -> str:
-    """The inductor mode: `SDBRIDGE_COMPILE_MODE`, else the default."""
-    mode = os.environ.get("SDBRIDGE_COMPILE_MODE", DEFAULT_COMPILE_MODE)
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"SDBRIDGE_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    return mode
 
 
 def compile_cache_dir(cache_dir: Path) -> Path:
@@ -77,13 +65,14 @@ def use_compile_cache(cache_dir: Path) -> Path:
 
 
 def compiled_networks(
-    pipe: Any, *, mode: str | None = None, cache_dir: Path | None = None, backend: str = "inductor"
+    pipe: Any, *, mode: str = DEFAULT_COMPILE_MODE, cache_dir: Path | None = None, backend: str = "inductor"
 ) -> Networks:
     """`Networks` whose UNet, VAE encoder and VAE decoder are torch.compile'd (lazily: each
     compiles at its first call per batch size, which `StreamEngine.warm_up` makes happen before
     the show). The pipe's modules are not changed. `backend` other than inductor is for tests of
     the recompile rules (dynamo's guards are the backend's concern-free part)."""
-    mode = mode or compile_mode()
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if cache_dir is not None:
         where = use_compile_cache(cache_dir)
         log.info("torch.compile mode %s, cache %s", mode, where)
