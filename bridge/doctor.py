@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bridge.acceleration import Acceleration
 from bridge.config import BridgeConfig, acceleration_problem
 from bridge.ports import listeners, port_problem
 from bridge.transports.registry import (
@@ -149,7 +150,7 @@ def acceleration_notes(
     back to the exact path (TensorRT missing, builds that failed before), so it is never silent."""
     e = config.engine
     notes = []
-    if "tensorrt" in e.acceleration:
+    if Acceleration.parse(e.acceleration).tensorrt:
         if not trt_info.get("installed"):
             notes.append(
                 f"tensorrt: {trt_info.get('note', 'not installed')}; frames will run on the exact torch path"

@@ -178,3 +178,37 @@ def test_the_tuning_switches_do_what_they_say(model_cache: Path, tiny_pipe: Any)
         got = tuned(pattern_uint8(k, SIZE), output_type="uint8").astype(int)
         want = eager(pattern_uint8(k, SIZE), output_type="uint8").astype(int)
         assert abs(got - want).max() <= 2, k
+
+
+def test_warm_up_leaves_the_sequential_reference_as_it_was(tiny_pipe: Any) -> None:
+    """The sequential path rebinds its residual memory; warm-up (any acceleration but none) must
+    put it back. Networks given as they are: the warm-up logic, without a compile."""
+    kwargs = {"width": SIZE, "height": SIZE, "cfg_type": "self", "use_denoising_batch": False}
+    warmed = StreamEngine(tiny_pipe, [35], acceleration="compile", networks=Networks(tiny_pipe), **kwargs)
+    eager = StreamEngine(tiny_pipe, [35], **kwargs)
+    for e in (warmed, eager):
+        e.prepare("a cat", guidance_scale=1.8, delta=0.7, seed=2)
+    got, want = _frames(warmed, 0, 2), _frames(eager, 0, 2)
+    assert warmed.warm_up(pattern_uint8(0, SIZE)) == 2
+    got += _frames(warmed, 2, 3)
+    want += _frames(eager, 2, 3)
+    assert all((g == w).all() for g, w in zip(got, want, strict=True))
+
+
+def test_a_slicing_or_offloaded_vae_runs_through_its_own_methods(
+    tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vae = tiny_pipe.vae
+    calls: list[str] = []
+    encode, decode = vae.encode, vae.decode
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.append("encode") or encode(*a, **k))
+    monkeypatch.setattr(vae, "decode", lambda *a, **k: calls.append("decode") or decode(*a, **k))
+    pixels = pattern(1, SIZE) * 2 - 1
+    with torch.no_grad():
+        Networks(tiny_pipe).encode(pixels)
+        assert calls == []  # the inner modules, as compile and TensorRT replace them
+        monkeypatch.setattr(vae, "use_slicing", True)
+        nets = Networks(tiny_pipe)
+        latents = nets.encode(pixels)
+        nets.decode(latents)
+    assert calls == ["encode", "decode"]

@@ -69,3 +69,35 @@ def test_compile_inside_the_frame_graph_is_close_and_compiles_nothing_after_warm
             mse = float(np.mean((got - want) ** 2))
             assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, k
     assert fast.acceleration_fallback == ""
+
+
+@pytest.mark.parametrize("family", ["tiny-sd21", "tiny-sdxl"])
+def test_the_kl_vae_and_sdxl_replay_bit_for_bit(model_cache: Path, family: str) -> None:
+    pipe = load_pipeline(family, LoadOptions(cache_dir=model_cache, device="cuda", dtype=torch.float16))
+    eager, graph = _engines(pipe, "initialize", [32, 45], "cuda_graph")
+    graph.warm_up(pattern_uint8(0, SIZE))
+    for k in range(6):
+        for engine in (eager, graph):
+            live_change(engine, k, "initialize")
+        frame = pattern_uint8(k, SIZE)
+        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+
+
+def test_txt2img_a_new_input_kind_and_a_step_change_replay_bit_for_bit(cuda_pipe: Any) -> None:
+    """Captures made on demand (a new input kind inside a frame) and again after a step-count
+    change, into the same memory pool, still replay what eager gives."""
+    eager, graph = _engines(cuda_pipe, "full", [32, 45], "cuda_graph")
+    graph.warm_up(None)
+    for k in range(3):
+        assert np.array_equal(graph(None, output_type="uint8"), eager(None, output_type="uint8")), k
+    for k in range(3, 6):  # uint8 input: captured inside the first such frame
+        frame = pattern_uint8(k, SIZE)
+        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+    for engine in (eager, graph):
+        engine.set_t_index_list([20, 30, 38, 45])
+    assert graph.needs_warm_up
+    graph.warm_up()
+    for k in range(6, 10):
+        frame = pattern_uint8(k, SIZE)
+        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+    assert graph.acceleration_fallback == ""

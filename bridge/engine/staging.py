@@ -26,6 +26,7 @@ class HostToDevice:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self._host = _host(shape, dtype, device)
         self.device = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
+        self._on = device
         self._sent = torch.cuda.Event() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def host(self) -> Tensor:
@@ -35,8 +36,8 @@ class HostToDevice:
 
     def send(self) -> Tensor:
         if self._sent is not None:
-            self.device.copy_(self._host, non_blocking=True)
-            self._sent.record()
+            self.device.copy_(self._host, non_blocking=True)  # on the device's current stream
+            self._sent.record(torch.cuda.current_stream(self._on))
         return self.device
 
 

@@ -835,7 +835,8 @@ class StreamEngine:
         """Why part of the asked acceleration runs on the exact eager path instead ("" when
         none does): a failed capture, or engines that failed to build or have no profile."""
         reasons = [self._graph_fallback] if self._graph_fallback else []
-        reasons += [f"{part}: {why}" for part, why in getattr(self.nets, "fallbacks", {}).items()]
+        # A copy: the status thread reads this while the engine thread may add a reason.
+        reasons += [f"{part}: {why}" for part, why in dict(getattr(self.nets, "fallbacks", {})).items()]
         return "; ".join(reasons)[:600]
 
     @property
@@ -898,6 +899,7 @@ class StreamEngine:
         state = [self._unet_x, self._stock, self._x0, self._eps, self._z, self._dec_in]
         state += [self._image, self._image32, self._ring.device_rgba]
         saved = [t.clone() for t in state]
+        seq_stock = self._seq_stock  # the sequential reference rebinds it
         stats = dataclasses.replace(self.stats)
         generator = self._generator.get_state()
         try:
@@ -916,6 +918,7 @@ class StreamEngine:
             for tensor, copy in zip(state, saved, strict=True):
                 tensor.copy_(copy)
             self.stats = stats
+            self._seq_stock = seq_stock
             self._generator.set_state(generator)
         self._warmed.add(key)
 

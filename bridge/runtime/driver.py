@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bridge.acceleration import Acceleration
 from bridge.config import BridgeConfig
 from bridge.params import LIVE, strength_to_t_index, t_index_to_strength
 
@@ -120,7 +121,7 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
     log.info("loading model %r on %s", e.model, device)
     pipe = load_pipeline(e.model, options)
     networks = None
-    if "tensorrt" in e.acceleration:
+    if Acceleration.parse(e.acceleration).tensorrt:
         from bridge.engine.accel.engine_networks import engine_networks
 
         # Profiles for the step counts of the start: the table's default and the config's.

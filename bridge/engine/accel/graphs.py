@@ -66,22 +66,47 @@ class CudaGraphBackend:
         reason = cuda_graph_unavailable(device)
         if reason is not None:
             raise RuntimeError(reason)
-        self.device = device
+        self.device = torch.device(device)
         self.pool = torch.cuda.graph_pool_handle()
+        # Streams of the engine's own device (cuda:N), not of the thread's current device:
+        # torch's default capture stream is made on whichever device is current.
+        self._side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self._capture = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
 
     def capture(self, body: Callable[[], None]) -> Graph:
-        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the prompt encoder's thread may use the GPU while this one captures.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            body()
-        torch.cuda.current_stream(self.device).synchronize()
-        return graph
+        with torch.cuda.device(self.device):
+            main = torch.cuda.current_stream(self.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                for _ in range(WARMUP_RUNS):
+                    body()
+            main.wait_stream(self._side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: the prompt encoder's thread may use the GPU while this one captures.
+                with torch.cuda.graph(
+                    graph, pool=self.pool, stream=self._capture, capture_error_mode="thread_local"
+                ):
+                    body()
+            except BaseException:
+                # torch leaves its capture stream current when ending the capture fails: put
+                # the engine's stream back, or every later (eager) frame would run on it.
+                torch.cuda.set_stream(main)
+                main.synchronize()
+                raise
+            main.synchronize()
+        return _OnDevice(graph, self.device)
+
+
+class _OnDevice:
+    """A captured graph replayed with its own device current (the engine may run on cuda:N)."""
+
+    def __init__(self, graph: Any, device: torch.device) -> None:
+        self.graph, self.device = graph, device
+
+    def replay(self) -> None:
+        with torch.cuda.device(self.device):
+            self.graph.replay()
 
 
 class FrameGraphs:
@@ -111,10 +136,3 @@ class FrameGraphs:
     def clear(self) -> None:
         """Drop every graph (a step-count change makes new buffers; their memory returns to the pool)."""
         self._graphs.clear()
-
-
-def describe(graphs: Any) -> str:
-    """One line for logs and status: which layouts are captured."""
-    if graphs is None:
-        return "no frame graphs"
-    return f"{len(graphs.keys())} frame graph(s): " + ", ".join(map(str, graphs.keys()))
