@@ -125,7 +125,12 @@ def engine_networks(
         try:
             from bridge.engine.accel.tensorrt import TensorRTBackend
 
-            backend = backend if backend is not None else TensorRTBackend()
+            on = pipe.unet.device  # the engine's device (cuda:N), not the thread's current one
+            backend = (
+                backend
+                if backend is not None
+                else TensorRTBackend(stream=lambda: int(torch.cuda.current_stream(on).cuda_stream))
+            )
             device = device if device is not None else DeviceInfo.current()
         except Exception as exc:  # TensorRT missing or broken, or no GPU: the exact path, said plainly
             reason = f"{type(exc).__name__}: {exc}"[:600]
