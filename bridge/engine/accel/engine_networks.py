@@ -131,7 +131,9 @@ def engine_networks(
                 if backend is not None
                 else TensorRTBackend(stream=lambda: int(torch.cuda.current_stream(on).cuda_stream))
             )
-            device = device if device is not None else DeviceInfo.current()
+            if device is None:
+                with torch.cuda.device(on):  # plans are keyed by the GPU they run on
+                    device = DeviceInfo.current()
         except Exception as exc:  # TensorRT missing or broken, or no GPU: the exact path, said plainly
             reason = f"{type(exc).__name__}: {exc}"[:600]
             log.warning("TensorRT unavailable, running every component on the exact torch path: %s", reason)
