@@ -21,7 +21,7 @@ from bridge.engine import StreamEngine
 from bridge.engine.accel.graphs import CudaGraphBackend
 from bridge.engine.loading import LoadOptions, load_pipeline
 from tests.conftest import pattern_uint8
-from tests.test_engine_graphs import FRAMES, live_change
+from tests.test_engine_graphs import FRAMES, assert_replays_as_eager, live_change
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
@@ -76,11 +76,7 @@ def test_the_kl_vae_and_sdxl_replay_bit_for_bit(model_cache: Path, family: str) 
     pipe = load_pipeline(family, LoadOptions(cache_dir=model_cache, device="cuda", dtype=torch.float16))
     eager, graph = _engines(pipe, "initialize", [32, 45], "cuda_graph")
     graph.warm_up(pattern_uint8(0, SIZE))
-    for k in range(6):
-        for engine in (eager, graph):
-            live_change(engine, k, "initialize")
-        frame = pattern_uint8(k, SIZE)
-        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+    assert_replays_as_eager(eager, graph, "initialize", 6, SIZE)
 
 
 def test_txt2img_a_new_input_kind_and_a_step_change_replay_bit_for_bit(cuda_pipe: Any) -> None:

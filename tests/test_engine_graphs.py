@@ -63,6 +63,17 @@ def live_change(engine: StreamEngine, k: int, cfg: str) -> None:
         engine.set_guidance_scale(3.0)  # and back
 
 
+def assert_replays_as_eager(
+    eager: StreamEngine, graph: StreamEngine, cfg: str, frames: int, size: int
+) -> None:
+    """`frames` uint8 frames through both engines, with the same live changes: equal bit for bit."""
+    for k in range(frames):
+        for engine in (eager, graph):
+            live_change(engine, k, cfg)
+        frame = pattern_uint8(k, size)
+        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+
+
 @pytest.mark.parametrize("t_index", [[35], [32, 45], [20, 30, 38, 45]], ids=["1step", "2steps", "4steps"])
 @pytest.mark.parametrize("cfg", ["none", "full", "self", "initialize"])
 def test_replay_equals_eager_bit_for_bit_through_live_changes(
@@ -95,11 +106,7 @@ def test_replay_equals_eager_for_the_kl_vae_and_sdxl(request: pytest.FixtureRequ
     pipe = request.getfixturevalue(family)
     eager, graph, _ = pair(pipe, "initialize", [32, 45])
     graph.warm_up(pattern_uint8(0, SIZE))
-    for k in range(6):
-        for engine in (eager, graph):
-            live_change(engine, k, "initialize")
-        frame = pattern_uint8(k, SIZE)
-        assert np.array_equal(graph(frame, output_type="uint8"), eager(frame, output_type="uint8")), k
+    assert_replays_as_eager(eager, graph, "initialize", 6, SIZE)
 
 
 @torch.no_grad()
