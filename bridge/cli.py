@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bridge.acceleration import COMPILE_MODES, DEFAULT_COMPILE_MODE, Acceleration
+
 DEFAULT_CACHE = Path.home() / ".cache" / "sdbridge"
 
 
@@ -149,8 +151,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _acceleration_value(text: str) -> str:
     """An `--acceleration` value, checked and spelled as the engine spells it."""
-    from bridge.acceleration import Acceleration
-
     try:
         return str(Acceleration.parse(text))
     except ValueError as exc:
@@ -160,7 +160,6 @@ def _acceleration_value(text: str) -> str:
 def _start_problems(config: Any) -> list[str]:
     """What stops `config` from starting that can be found before the model loads: the input
     and outputs checked without opening them, and the ports it listens on."""
-    from bridge.acceleration import Acceleration
     from bridge.config import acceleration_problem
     from bridge.ports import port_problems
     from bridge.transports.registry import precheck_sink, precheck_source
@@ -315,8 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=31, help="timed repeats per contender (median reported)"
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per contender")
-    # COMPILE_MODES of bridge.engine.accel.compile, spelled here so that building the parser
-    # imports no torch (tests/test_bench_cli.py checks they agree).
     bench.add_argument(
         "--acceleration",
         nargs="+",
@@ -328,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--compile-mode",
-        default="default",
-        choices=["default", "max-autotune-no-cudagraphs"],
+        default=DEFAULT_COMPILE_MODE,
+        choices=COMPILE_MODES,
         help="inductor mode for acceleration compile (as engine.compile_mode)",
     )
     bench.add_argument(

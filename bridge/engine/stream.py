@@ -585,18 +585,17 @@ class StreamEngine:
         # 2.-7. On the device: the frame (`_frame`), replayed as one CUDA graph or run eagerly.
         key = self._layout_key(source)
         if self._graphs is not None and key not in self._graphs:
-            self._warm_layout(key, staging)  # a new input kind; warm_up() captures ahead of time
+            self._warm_layout(key, staging)  # a new input kind (warm_up() captures ahead); may fall back
+        self._has_output = True
+        self._version += 1
         if self._graphs is not None:
             self._graphs.replay(key)
             self.stats.unet_calls += 1
             self.stats.vae_encodes += staging is not None
             self.stats.vae_decodes += 1
+            self._image_version = self._rgba_version = self._version  # the graph did both
         else:
             self._frame(staging, finish=False)  # decoded and converted by _output, as asked
-        self._has_output = True
-        self._version += 1
-        if self._graphs is not None:
-            self._image_version = self._rgba_version = self._version  # the graph did both
 
         # 8. Out: the ring's next host slot (the one device-to-host copy), or a copy.
         return self._output(output_type)

@@ -44,8 +44,11 @@ class EngineNetworks(Networks):
         self.report = report
         self.fallbacks: dict[str, str] = {c.value: reason for c, reason in report.fallbacks.items()}
         self._slots: dict[tuple[Component, int], tuple[list[Tensor], Tensor]] = {}
-        self._dtypes = {Component.UNET: pipe.unet.dtype, Component.VAE_ENCODER: pipe.vae.dtype}
-        self._dtypes[Component.VAE_DECODER] = pipe.vae.dtype
+        self._dtypes = {
+            Component.UNET: pipe.unet.dtype,
+            Component.VAE_ENCODER: pipe.vae.dtype,
+            Component.VAE_DECODER: pipe.vae.dtype,
+        }
 
     def _ready(self, component: Component, rows: int) -> Prepared | None:
         prepared = self.report.ready.get(component)
