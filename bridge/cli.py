@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
         live=not args.no_live,
         live_sizes=tuple(args.live_sizes),
         accelerations=tuple(args.acceleration),
-        compile_mode=args.compile_mode,
+        compile_modes=tuple(args.compile_mode),
     )
 
     def progress(message: str) -> None:
@@ -325,9 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--compile-mode",
-        default=DEFAULT_COMPILE_MODE,
+        nargs="+",
+        default=[DEFAULT_COMPILE_MODE],
         choices=COMPILE_MODES,
-        help="inductor mode for acceleration compile (as engine.compile_mode)",
+        help="inductor modes (engine.compile_mode) for the accelerations with compile: each such "
+        f"acceleration is measured once per mode, side by side (default {DEFAULT_COMPILE_MODE})",
     )
     bench.add_argument(
         "--no-live", action="store_true", help="skip the live-bridge figures (shm, OSC to applied, overhead)"

@@ -9,6 +9,8 @@
 #  2. sdbridge bench, every acceleration side by side, on each architecture in $ARCHES (512²).
 # Each step has its own time limit, so one slow step cannot eat the others' time; together they
 # stay under a device call's 600 s (inductor compiles each new UNet batch in about a minute there).
+# PART=modes (a second call, when device time is left) measures instead the two inductor modes
+# side by side, compile+cuda_graph under each on sd-turbo: max-autotune compiles for minutes.
 # Its CPU path runs anywhere: DEVICE=cpu ARCHES=tiny PY=.venv/bin/python bash docs/device-check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/device-out}
@@ -23,6 +25,16 @@ CACHE=${SDBRIDGE_CACHE:-/tmp/sdbridge-cache}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; } > "$OUT/gpu.csv"
 "$PY" -c "import torch, diffusers; print(torch.__version__, torch.version.cuda, diffusers.__version__)" \
     > "$OUT/versions.txt" 2>&1
+
+if [ "${PART:-main}" = modes ]; then
+    arch=${ARCHES%% *}; size=512; if [ "$arch" = tiny ]; then size=128; fi
+    timeout "${MODES_LIMIT_S:-540}" "$PY" -m bridge.cli bench --device "$DEVICE" --arch "$arch" --size "$size" \
+        --steps 1 4 --cfg self --acceleration compile+cuda_graph --compile-mode default max-autotune-no-cudagraphs \
+        --repeats 15 --warmup 3 --no-live --cache-dir "$CACHE" --json > "$OUT/bench-modes-$arch.json" 2> "$OUT/bench-modes-$arch.log"
+    echo "bench modes $arch rc=$?" >> "$OUT/summary.txt"
+    cat "$OUT/summary.txt"
+    exit 0
+fi
 
 timeout "${TEST_LIMIT_S:-110}" "$PY" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py > "$OUT/test_engine_cuda.txt" 2>&1
 echo "test_engine_cuda rc=$?" >> "$OUT/summary.txt"

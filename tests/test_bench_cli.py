@@ -47,7 +47,7 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["arch"] == "tiny" and report["resolution"] == [64, 64]
-    assert report["accelerations"] == ["none", "cuda_graph"] and report["compile_mode"] == "default"
+    assert report["accelerations"] == ["none", "cuda_graph"] and report["compile_modes"] == ["default"]
     assert "output_type='uint8'" in report["path"] and "device-to-host" in report["floor"]
     assert "prompt_embeds" in report["diffusers_io"] and "output_type='pil'" in report["diffusers_io"]
     rows = report["engine"]
@@ -148,15 +148,16 @@ def test_an_inexact_acceleration_is_compared_by_psnr(
         warmup=0,
         live=False,
         accelerations=("compile",),
-        compile_mode="max-autotune-no-cudagraphs",
+        compile_modes=("max-autotune-no-cudagraphs",),
         cache_dir=model_cache,
     )
     report = run_bench(config)
     assert seen_modes == ["max-autotune-no-cudagraphs"]
     assert report["accelerations"] == ["none", "compile"]  # none added: the reference
-    assert report["compile_mode"] == "max-autotune-no-cudagraphs"
+    assert report["compile_modes"] == ["max-autotune-no-cudagraphs"]
     none, compiled = report["engine"]
     assert compiled["acceleration"] == "compile" and compiled["exact"] is False
+    assert compiled["compile_mode"] == "max-autotune-no-cudagraphs" and none["compile_mode"] is None
     assert compiled["available"] is True and compiled["engine_ms"] > 0
     assert compiled["latency_ms"] == pytest.approx(2 * compiled["engine_ms"], rel=1e-3)
     assert compiled["floor_networks"] == "stand-in compile" and none["floor_networks"] == "torch"
@@ -171,6 +172,55 @@ def test_an_inexact_acceleration_is_compared_by_psnr(
     assert isinstance(compiled["warmup_s"], float) and compiled["warmup_s"] >= 0.0
     table = format_table(report)
     assert ("identical" if offset == 0.0 else f"{compiled['psnr_db_vs_none']} dB") in table
+
+
+def test_compile_modes_run_side_by_side(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--compile-mode default max-autotune-no-cudagraphs`: every acceleration with compile is
+    an engine of its own per mode in the same loop, each on its own compiled networks and floor;
+    the others once. The stand-in's decoder is off by a mode's own offset, so each row's
+    agreement shows that its frames came from its own mode's networks."""
+    import bridge.engine.accel.compile as compile_module
+    from bridge.engine.accel import Networks
+
+    offsets = {"default": 0.0, "max-autotune-no-cudagraphs": 0.02}
+    seen_modes = []
+
+    def off_by_mode(pipe: Any, *, mode: str, cache_dir: Path | None = None, **_kw: Any) -> Networks:
+        seen_modes.append(mode)
+        decoder, offset = pipe.vae.decoder, offsets[mode]
+        return Networks(pipe, decoder=lambda z: decoder(z) + offset, name=f"stand-in {mode}")
+
+    monkeypatch.setattr(compile_module, "compiled_networks", off_by_mode)
+    code = main(
+        ["bench", "--size", "64", "--steps", "1", "--cfg", "none", "--repeats", "2", "--warmup", "0",
+         "--no-live", "--acceleration", "compile", "cuda_graph", "--compile-mode", "default",
+         "max-autotune-no-cudagraphs", "default", "--json", "--cache-dir", str(model_cache)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compile_modes"] == ["default", "max-autotune-no-cudagraphs"]  # each once
+    assert seen_modes == ["default", "max-autotune-no-cudagraphs"]
+    rows = {(r["acceleration"], r["compile_mode"]): r for r in report["engine"]}
+    assert list(rows) == [
+        ("none", None),
+        ("compile", "default"),
+        ("compile", "max-autotune-no-cudagraphs"),
+        ("cuda_graph", None),
+    ]
+    default, autotuned = rows["compile", "default"], rows["compile", "max-autotune-no-cudagraphs"]
+    assert default["floor_networks"] == "stand-in default"
+    assert autotuned["floor_networks"] == "stand-in max-autotune-no-cudagraphs"
+    assert default["identical_to_none"] is True and default["psnr_db_vs_none"] is None
+    assert autotuned["identical_to_none"] is False and 30.0 < autotuned["psnr_db_vs_none"] < 60.0
+    assert default["engine_ms"] > 0 and autotuned["engine_ms"] > 0
+    if not __import__("torch").cuda.is_available():
+        assert rows["cuda_graph", None]["available"] is False
+    with pytest.raises(SystemExit) as refused:  # inductor's own CUDA graphs: refused by argparse
+        main(["bench", "--compile-mode", "reduce-overhead"])
+    assert refused.value.code == 2
+    assert "invalid choice: 'reduce-overhead'" in capsys.readouterr().err
 
 
 def test_agreement_is_bit_for_bit_and_psnr_from_its_definition() -> None:

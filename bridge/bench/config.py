@@ -44,4 +44,6 @@ class BenchConfig:
     # engine.acceleration spellings (bridge.engine.accel.ACCELERATIONS), each an engine contender
     # of its own in the same loop; `none` is always measured, as the others' reference.
     accelerations: Sequence[str] = ("none",)
-    compile_mode: str = "default"  # inductor mode for `compile` (bridge.engine.accel.compile.COMPILE_MODES)
+    # inductor modes for the accelerations with `compile` (bridge.acceleration.COMPILE_MODES): each
+    # such acceleration is measured once per mode, side by side in the same loop.
+    compile_modes: Sequence[str] = ("default",)

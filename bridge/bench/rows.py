@@ -13,13 +13,14 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from bridge.acceleration import DEFAULT_COMPILE_MODE
 from bridge.bench.compare import agreement
 from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
 from bridge.bench.contenders import Contender, bench_frames, device_sync, diffusers_call, floor_call
@@ -40,6 +41,28 @@ def _pipe_for(pipe: Any, acceleration: str) -> Any:
     return _OWN_PIPES[id(pipe)]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One engine contender: an acceleration, and the inductor mode when it compiles."""
+
+    acceleration: str
+    compile_mode: str | None  # None: the acceleration compiles nothing
+    label: str  # its name in the loop: the acceleration, then the mode when several are measured
+
+
+def variants(accelerations: Sequence[str], compile_modes: Sequence[str]) -> list[Variant]:
+    """Every acceleration once, each one with `compile` once per compile mode."""
+    out = []
+    for acc in accelerations:
+        if not Acceleration.parse(acc).compile:
+            out.append(Variant(acc, None, acc))
+            continue
+        for mode in compile_modes:
+            label = acc if len(compile_modes) == 1 else f"{acc} [{mode}]"
+            out.append(Variant(acc, mode, label))
+    return out
+
+
 @dataclass
 class Row:
     """One acceleration's engine at one (steps, cfg_type), with the contenders it ran beside.
@@ -53,6 +76,7 @@ class Row:
     cfg_type: str
     t_index_list: list[int]
     acceleration: str
+    compile_mode: str | None  # the inductor mode, for accelerations with compile
     exact: bool  # Acceleration.parse(acceleration).exact: frames should equal `none`'s
     available: bool
     reason: str | None  # why not available
@@ -94,13 +118,14 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def measure(
     pipe: Any, config: BenchConfig, steps: int, cfg: str, size: int, progress: Callable[[str], None]
 ) -> list[Row]:
-    """Rows for every acceleration in `config.accelerations` (`none` first) at (steps, cfg)."""
+    """Rows for every acceleration in `config.accelerations` (`none` first) at (steps, cfg), those
+    with `compile` once per mode in `config.compile_modes`."""
     t_index = T_INDEX_PRESETS[steps]
     n = len(t_index)
     sync = device_sync(config.device)
     frames = bench_frames(size)
 
-    def engine_of(acceleration: str, *, batch: bool = True) -> StreamEngine:
+    def engine_of(acceleration: str, *, batch: bool = True, mode: str | None = None) -> StreamEngine:
         engine = StreamEngine(
             _pipe_for(pipe, acceleration),
             t_index,
@@ -109,7 +134,7 @@ def measure(
             cfg_type=cfg,
             use_denoising_batch=batch,
             acceleration=acceleration,
-            compile_mode=config.compile_mode,
+            compile_mode=mode or DEFAULT_COMPILE_MODE,
             cache_dir=config.cache_dir,
         )
         torch.backends.cudnn.benchmark = False  # process-wide: set per call below, side by side
@@ -120,19 +145,20 @@ def measure(
     engines: dict[str, StreamEngine] = {}
     missing: dict[str, str] = {}
     warmup_s: dict[str, float] = {}
-    for acc in config.accelerations:
+    contending = variants(config.accelerations, config.compile_modes)
+    for v in contending:
         try:
-            engine = engine_of(acc)
+            engine = engine_of(v.acceleration, mode=v.compile_mode)
         except ValueError as exc:  # cuda_graph without CUDA: reported with its reason, not run
-            missing[acc] = str(exc)
+            missing[v.label] = str(exc)
             continue
-        if acc != REFERENCE:  # eager kernels need no warm-up (warm_up returns at once)
-            progress(f"  warming up acceleration {acc} (compiling, capturing)")
+        if v.label != REFERENCE:  # eager kernels need no warm-up (warm_up returns at once)
+            progress(f"  warming up acceleration {v.label} (compiling, capturing)")
         start = time.perf_counter()
         engine.warm_up(frames[0])
         sync()
-        warmup_s[acc] = round(time.perf_counter() - start, 3)
-        engines[acc] = engine
+        warmup_s[v.label] = round(time.perf_counter() - start, 3)
+        engines[v.label] = engine
 
     # 2. The other contenders. The floor runs on the UNet inputs an eager engine prepares (the
     #    same for every acceleration), through each engine's own networks.
@@ -167,7 +193,9 @@ def measure(
 
     # cudnn_benchmark is cuDNN's process-wide switch: on only while its own engine runs.
     cudnn = {name: False for name in contenders}
-    cudnn.update({f"engine[{acc}]": Acceleration.parse(acc).cudnn_benchmark for acc in engines})
+    cudnn.update(
+        {f"engine[{v.label}]": Acceleration.parse(v.acceleration).cudnn_benchmark for v in contending}
+    )
 
     def call(name: str) -> tuple[float, Any]:
         frame = frames[calls[name] % len(frames)]
@@ -197,7 +225,8 @@ def measure(
     skip_rate = round(static.stats.skipped / static.stats.frames, 3)
 
     rows = []
-    for acc in config.accelerations:
+    for v in contending:
+        acc = v.label
         engine_ms = ms.get(f"engine[{acc}]")
         floor_ms = ms[f"floor[{floor_of[acc]}]"] if acc in floor_of else None
         identical = psnr = None
@@ -205,7 +234,7 @@ def measure(
         if acc in engines and REFERENCE in engines:
             agree = agreement(outputs[REFERENCE], outputs[acc])
             identical, compared = agree.identical, agree.frames
-            if not Acceleration.parse(acc).exact and not math.isinf(agree.psnr_db):
+            if not Acceleration.parse(v.acceleration).exact and not math.isinf(agree.psnr_db):
                 psnr = round(agree.psnr_db, 2)
         ready = engines.get(acc)
         rows.append(
@@ -213,8 +242,9 @@ def measure(
                 steps=steps,
                 cfg_type=cfg,
                 t_index_list=t_index,
-                acceleration=acc,
-                exact=Acceleration.parse(acc).exact,
+                acceleration=v.acceleration,
+                compile_mode=v.compile_mode,
+                exact=Acceleration.parse(v.acceleration).exact,
                 available=acc in engines,
                 reason=missing.get(acc),
                 fallback=(ready.acceleration_fallback or None) if ready is not None else None,

@@ -8,6 +8,7 @@ _COLUMNS = (
     ("steps", "steps"),
     ("cfg_type", "cfg"),
     ("acceleration", "acceleration"),
+    ("compile_mode", "compile_mode"),
     ("engine_ms", "engine_ms"),
     ("engine_fps", "fps"),
     ("frames_in_flight", "in_flight"),
@@ -44,9 +45,10 @@ def _engine_lines(report: dict[str, Any]) -> list[str]:
     ]
     notes: dict[str, None] = {}  # each reason once, in order
     for row in report["engine"]:
-        where = f"{row['steps']} step(s) {row['cfg_type']}, {row['acceleration']}"
+        name = row["acceleration"] + (f" [{row['compile_mode']}]" if row["compile_mode"] else "")
+        where = f"{row['steps']} step(s) {row['cfg_type']}, {name}"
         if not row["available"]:
-            notes[f"{row['acceleration']}: not available ({row['reason']})"] = None
+            notes[f"{name}: not available ({row['reason']})"] = None
         elif row["fallback"]:
             notes[f"{where}: {row['fallback']}"] = None
     lines += list(notes)
@@ -86,7 +88,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = (
         f"{report['arch']} on {report['device']} ({report['device_name']}), {report['resolution'][0]}px, "
         f"{report['dtype']}, uint8 in and out; accelerations {' '.join(report['accelerations'])} "
-        f"(compile mode {report['compile_mode']}); latency = frames in flight x ms"
+        f"(compile modes {' '.join(report['compile_modes'])}); latency = frames in flight x ms"
     )
     lines = [head, *_engine_lines(report)]
     targets = report["targets"]

@@ -14,7 +14,8 @@ Two rules hold whatever the mode:
 The mode (`engine.compile_mode`) defaults to inductor's `default`. `max-autotune-no-cudagraphs`
 (autotuned GEMM and convolution kernels, no CUDA graphs of inductor's own: the engine captures
 the frame itself) takes longer to compile; which one measures best on a given GPU is for
-`sdbridge bench --compile-mode` to say (docs/benchmarks.md).
+`sdbridge bench --compile-mode default max-autotune-no-cudagraphs` to say, both side by side in
+one run (docs/benchmarks.md).
 
 Compiled frames are fast, not exact: inductor fuses elementwise ops without rounding to fp16
 between them. Compare them with the exact path by PSNR, not `torch.equal`.
