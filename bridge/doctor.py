@@ -161,10 +161,11 @@ def acceleration_notes(
         from bridge.engine.accel.engine_networks import ENGINE_CACHE
 
         root = Path(e.cache_dir).expanduser() / ENGINE_CACHE
-        for folder, reason in EngineCache(root).recorded_failures():
+        for folder, reason, retried in EngineCache(root).recorded_failures():
+            until = "the next start builds it again" if retried else f"until {root / folder} is deleted"
             notes.append(
                 f"tensorrt: an earlier build failed ({folder}: {reason}); that component runs on the exact "
-                f"torch path until {root / folder} is deleted"
+                f"torch path {until}"
             )
     return notes
 

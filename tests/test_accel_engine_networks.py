@@ -6,6 +6,8 @@ engine, the runtime's status and `doctor`."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from bridge.engine import StreamEngine
 from bridge.engine.accel.engine_cache import DeviceInfo
 from bridge.engine.accel.engine_networks import ENGINE_CACHE, EngineNetworks, engine_networks
 from bridge.engine.accel.onnx_export import Component
-from bridge.engine.accel.tensorrt import OnnxRuntimeBackend
+from bridge.engine.accel.tensorrt import BuildCancelled, OnnxRuntimeBackend
 from tests.conftest import pattern_uint8
 from tests.test_doctor import _rows
 
@@ -140,6 +142,55 @@ def test_without_tensorrt_every_component_runs_exactly_in_torch_and_the_status_s
         assert bridge.status().state == "running"  # a fallback is reported, and the show goes on
 
 
+def test_a_stop_during_the_engine_build_cancels_it(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's own loader (no engine_factory given) hands the build its stop: Ctrl+C during
+    a TensorRT build (minutes, in a child process) ends the build, not only the wait for it."""
+    import bridge.engine.accel.engine_networks as module
+    from bridge.runtime import Bridge
+    from tests.test_runtime import GatedSource
+
+    building, seen = threading.Event(), []
+
+    def held_build(pipe: Any, *, cancel: threading.Event | None = None, **_kw: Any) -> Any:
+        seen.append(cancel)
+        building.set()
+        assert cancel is not None and cancel.wait(30), "the build was never told to stop"
+        raise BuildCancelled("the unet engine build was stopped")
+
+    monkeypatch.setattr(module, "engine_networks", held_build)
+    config = load_config(
+        None,
+        [
+            "output.kind=null",
+            "extra_outputs=[]",
+            "osc.enabled=false",
+            "engine.model=tiny",
+            "engine.device=cpu",
+            "engine.acceleration=tensorrt",
+            f"engine.cache_dir={model_cache}",
+            "engine.width=64",
+            "engine.height=64",
+        ],
+    )
+    bridge = Bridge(config, source=GatedSource())
+    stop = threading.Event()
+    thread = threading.Thread(target=bridge.run, args=(stop,))
+    thread.start()
+    try:
+        assert building.wait(120)
+        stopped = time.monotonic()
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - stopped < 2.0
+        assert seen[0].is_set()
+    finally:
+        stop.set()
+        if seen:
+            seen[0].set()
+
+
 def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
     failed = tmp_path / ENGINE_CACHE / "unet-0123abcd"
     failed.mkdir(parents=True)
@@ -151,6 +202,17 @@ def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
         f"tensorrt: an earlier build failed (unet-0123abcd: BuildFailed: out of memory); that component runs "
         f"on the exact torch path until {failed} is deleted"
     ]
+    temporary = tmp_path / ENGINE_CACHE / "vae_decoder-4567cdef"
+    temporary.mkdir(parents=True)
+    (temporary / "failed.json").write_text(
+        json.dumps({"reason": "BuildFailed: Error Code 2: OutOfMemory", "transient": True, "attempts": 1})
+    )
+    verdict = check_config(config, {"cuda": True}, _rows(), trt_info={"installed": True, "version": "10.9"})
+    assert verdict["acceleration_notes"][1] == (
+        "tensorrt: an earlier build failed (vae_decoder-4567cdef: BuildFailed: Error Code 2: OutOfMemory "
+        "(temporary: retried at the next start, attempt 1 of 3)); that component runs on the exact torch "
+        "path the next start builds it again"
+    )
     missing = check_config(
         config, {"cuda": True}, _rows(), trt_info={"installed": False, "note": "not installed"}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,10 @@ class EngineDriver:
 DEFAULT_T_INDEX = LIVE["t_index_list"].default
 
 
-def load_engine(config: BridgeConfig) -> EngineDriver:
-    """Load the model the config names and build the engine (slow: seconds to minutes)."""
+def load_engine(config: BridgeConfig, *, cancel: threading.Event | None = None) -> EngineDriver:
+    """Load the model the config names and build the engine (slow: seconds to minutes; with
+    TensorRT's first build, many minutes). Setting `cancel` stops an engine build within about
+    2 s (it raises BuildCancelled)."""
     from bridge.engine import StreamEngine
     from bridge.engine.loading import LoadOptions, load_pipeline, resolve_device, resolve_dtype_name
 
@@ -135,6 +138,7 @@ def load_engine(config: BridgeConfig) -> EngineDriver:
             step_counts=counts,
             frame_buffer_size=e.frame_buffer_size,
             cache_dir=options.cache_dir,
+            cancel=cancel,
         )
     engine = StreamEngine(
         pipe,

@@ -37,6 +37,7 @@ from bridge.transports.registry import open_sink, open_source, prepare_media
 log = logging.getLogger(__name__)
 
 ENGINE_ERRORS_FOR_STATE = 3  # failed engine calls in a row before the state turns "error"
+LOAD_CANCEL_WAIT_S = 1.0  # how long a stop during the load waits for a cancelled engine build to end
 
 
 class Bridge:
@@ -50,13 +51,16 @@ class Bridge:
         self,
         config: BridgeConfig,
         *,
-        engine_factory: Callable[[BridgeConfig], EngineDriver] = load_engine,
+        engine_factory: Callable[[BridgeConfig], EngineDriver] | None = None,
         sinks: Sequence[tuple[str, Callable[[], Sink]]] = (),
         source: Source | None = None,
     ) -> None:
         self.config = config
         self.store = ParamStore(initial_values(config))
-        self._engine_factory = engine_factory
+        # Set when a stop comes during the load: it ends an engine build (a TensorRT build
+        # runs for minutes in a child process) instead of leaving it running.
+        self._load_cancel = threading.Event()
+        self._engine_factory = engine_factory or functools.partial(load_engine, cancel=self._load_cancel)
         self._extra_sinks = list(sinks)
         self._source = source
         self._status = Status()
@@ -233,9 +237,10 @@ class Bridge:
     def _load(self, stop: threading.Event) -> EngineDriver | None:
         """Build and prepare the engine on a thread of its own while this one watches `stop`:
         a load takes seconds to minutes, mostly inside libraries that never look at a stop
-        flag, and Ctrl+C must end the bridge within 2 s. Returns None when stopped first; the
-        abandoned load runs on to its end on its daemon thread (the CLI's process exits
-        without waiting for it)."""
+        flag, and Ctrl+C must end the bridge within 2 s. Returns None when stopped first. An
+        engine build is told to stop (`_load_cancel`: its child process is terminated) and given
+        LOAD_CANCEL_WAIT_S to end; any other abandoned load runs on to its end on its daemon
+        thread (the CLI's process exits without waiting for it)."""
         done = threading.Event()
         result: list[EngineDriver] = []
         errors: list[BaseException] = []
@@ -254,6 +259,8 @@ class Bridge:
         while not done.wait(0.05):
             if stop.is_set():
                 log.warning("stopped while the model was loading")
+                self._load_cancel.set()
+                done.wait(LOAD_CANCEL_WAIT_S)
                 return None
         if errors:
             raise errors[0]

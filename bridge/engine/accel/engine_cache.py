@@ -9,7 +9,9 @@ without the resolution, a known source of its users' bugs.
 Layout, one folder per key under `<model cache>/engines/`:
     <component>-<digest>/engine.plan   the serialized engine, written atomically
     <component>-<digest>/key.json      the key's fields, for people
-    <component>-<digest>/failed.json   a failed build: not retried until deleted (negative cache)
+    <component>-<digest>/failed.json   a failed build: not retried until deleted (negative cache);
+                                       a temporary one (out of memory, a killed build process)
+                                       is retried at the next starts, TRANSIENT_ATTEMPTS in all
     <component>-<digest>/.lock         held while building or loading, across processes
     timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds
 """
@@ -35,6 +37,7 @@ from torch import nn
 from bridge.engine.accel.onnx_export import ExportSpec
 
 KEY_FORMAT = 1  # bump when the key's fields change meaning
+TRANSIENT_ATTEMPTS = 3  # temporary failures in a row before a key is no longer retried
 
 
 class CacheLockTimeout(RuntimeError):
@@ -169,30 +172,64 @@ class EngineCache:
     def drop_plan(self, key: EngineKey) -> None:
         self.plan_path(key).unlink(missing_ok=True)
 
-    def failure(self, key: EngineKey) -> str | None:
-        """The reason an earlier build of this key failed, or None."""
-        path = self.failure_path(key)
+    def _failure_record(self, path: Path) -> dict[str, Any] | None:
         if not path.is_file():
             return None
         try:
-            return str(json.loads(path.read_text(encoding="utf-8"))["reason"])
-        except (ValueError, KeyError, TypeError):
-            return f"unreadable failure record {str(path)!r}"
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return {
+                "reason": str(record["reason"]),
+                "transient": bool(record.get("transient", False)),
+                "attempts": int(record.get("attempts", 1)),
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"reason": f"unreadable failure record {str(path)!r}", "transient": False, "attempts": 1}
 
-    def recorded_failures(self) -> list[tuple[str, str]]:
-        """(folder name, reason) of every failed build or load recorded here (for `doctor`)."""
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        if not record["transient"]:
+            return str(record["reason"])
+        if record["attempts"] >= TRANSIENT_ATTEMPTS:
+            return f"{record['reason']} ({record['attempts']} attempts in a row; not retried again)"
+        return f"{record['reason']} (temporary: retried at the next start, attempt {record['attempts']} of {TRANSIENT_ATTEMPTS})"
+
+    def failure(self, key: EngineKey) -> str | None:
+        """Why this key must not be built again, or None. A temporary failure (out of memory, a
+        killed build process) stops the retries only after TRANSIENT_ATTEMPTS in a row."""
+        record = self._failure_record(self.failure_path(key))
+        if record is None or (record["transient"] and record["attempts"] < TRANSIENT_ATTEMPTS):
+            return None
+        return self._describe(record)
+
+    def recorded_failures(self) -> list[tuple[str, str, bool]]:
+        """(folder name, reason, retried) of every failed build or load recorded here (for
+        `doctor`); `retried`: a temporary failure the next start builds again."""
         found = []
         for path in sorted(self.root.glob("*/failed.json")) if self.root.is_dir() else []:
-            try:
-                reason = str(json.loads(path.read_text(encoding="utf-8"))["reason"])
-            except (OSError, ValueError, KeyError, TypeError):
-                reason = "unreadable failure record"
-            found.append((path.parent.name, reason))
+            record = self._failure_record(path)
+            if record is not None:
+                retried = record["transient"] and record["attempts"] < TRANSIENT_ATTEMPTS
+                found.append((path.parent.name, self._describe(record), retried))
         return found
 
-    def record_failure(self, key: EngineKey, reason: str) -> None:
-        record = {"reason": reason, "time": time.time(), "key": key.fields()}
+    def record_failure(self, key: EngineKey, reason: str, *, transient: bool = False) -> None:
+        """Record a failed build or load. A temporary one counts its attempts in a row."""
+        attempts = 1
+        earlier = self._failure_record(self.failure_path(key))
+        if transient and earlier is not None and earlier["transient"]:
+            attempts = earlier["attempts"] + 1
+        record = {
+            "reason": reason,
+            "transient": transient,
+            "attempts": attempts,
+            "time": time.time(),
+            "key": key.fields(),
+        }
         write_atomic(self.failure_path(key), json.dumps(record, indent=1).encode())
+
+    def clear_failure(self, key: EngineKey) -> None:
+        """A build that succeeded after temporary failures: forget them."""
+        self.failure_path(key).unlink(missing_ok=True)
 
     def read_timing_cache(self, key: EngineKey) -> bytes:
         path = self.timing_cache_path(key)

@@ -121,19 +121,24 @@ def engine_networks(
 ) -> EngineNetworks:
     """Engines for the UNet (every row count `step_counts` can reach with `cfg_type`), the VAE
     encoder and decoder (f rows), built or loaded from `<cache_dir>/engines`. `backend` defaults
-    to TensorRT; where TensorRT is missing, every component falls back with the reason. Never
-    raises for a failed component (only for a stop request, BuildCancelled)."""
+    to TensorRT, building in a child process (accel/isolated.py); where TensorRT is missing,
+    every component falls back with the reason. Never raises for a failed component (only for a
+    stop request, `cancel` set: BuildCancelled)."""
     name = getattr(backend, "name", "tensorrt")
     if backend is None or device is None:
         try:
+            from bridge.engine.accel.isolated import ChildProcessBuilds, tensorrt_backend
             from bridge.engine.accel.tensorrt import TensorRTBackend
 
             on = pipe.unet.device  # the engine's device (cuda:N), not the thread's current one
-            backend = (
-                backend
-                if backend is not None
-                else TensorRTBackend(stream=lambda: int(torch.cuda.current_stream(on).cuda_stream))
-            )
+            if backend is None:
+                # Loads run here (on torch's stream of the engine's device); builds run in a
+                # child process, so that a crash in the builder cannot end the bridge.
+                backend = ChildProcessBuilds(
+                    TensorRTBackend(stream=lambda: int(torch.cuda.current_stream(on).cuda_stream)),
+                    tensorrt_backend,
+                    device_index=on.index,
+                )
             if device is None:
                 with torch.cuda.device(on):  # plans are keyed by the GPU they run on
                     device = DeviceInfo.current()

@@ -14,15 +14,20 @@ A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one
 `prepare_engines` ties export, cache, build, load and validation together. Every failure of a
 component, whatever raised it, becomes a reason: logged as a warning, returned to the caller for
 status and `doctor`, and the component stays on the exact torch path. Only a stop request
-(`BuildCancelled`) propagates. The TensorRT engines themselves were never run in this workplace:
+(`BuildCancelled`) propagates. Failures are remembered in the cache (not retried), except
+temporary ones (`is_transient`: out of memory, a full disk, a build process killed by SIGKILL),
+which the next starts retry, `TRANSIENT_ATTEMPTS` in a row. The runtime builds with TensorRT in
+a child process (`accel/isolated.py`). The TensorRT engines themselves were never run in this workplace:
 no lent machine has TensorRT. Their code follows the documented API, and the tests drive it
 through a recording fake of that API.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -315,7 +320,7 @@ class TensorRTBackend:
         # 4. Build (minutes on a full-size UNet). None means failed or cancelled.
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            if progress.cancelled:
+            if progress.cancelled or progress.cancel.is_set():
                 raise BuildCancelled(f"the {title} engine build was stopped")
             raise BuildFailed(f"TensorRT could not build the {title} engine: {_errors(logger)}")
         timing = config.get_timing_cache()
@@ -500,6 +505,25 @@ class EngineReport:
         return not self.fallbacks
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Failures worth a retry at the next start: out of memory (host or GPU), a full disk, a
+    build process killed by SIGKILL (the out-of-memory killer). An exception may say so itself
+    with a `transient` attribute."""
+    flag = getattr(exc, "transient", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    words = re.sub(r"[\s_-]", "", str(exc).lower())  # "out of memory", TensorRT's "OutOfMemory"
+    return "outofmemory" in words
+
+
+def _record(cache: EngineCache, key: EngineKey, exc: BaseException) -> None:
+    cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600], transient=is_transient(exc))
+
+
 def validate(
     runner: Runner, reference: ExportModule, spec: ExportSpec, *, device: torch.device, dtype: torch.dtype
 ) -> dict[int, float]:
@@ -555,6 +579,8 @@ def prepare_engines(
         except BuildCancelled:
             raise
         except Exception as exc:  # any failure of an optional backend keeps the show on the exact path
+            if cancel is not None and cancel.is_set():  # a stop while waiting for the lock, say
+                raise BuildCancelled(f"stopped while preparing the {spec.component.value} engine") from exc
             reason = f"{spec.component.value}: {type(exc).__name__}: {exc}"[:600]
             log.warning("%s engine unavailable, running it on the exact torch path: %s", backend.name, reason)
             report.fallbacks[spec.component] = reason
@@ -595,7 +621,9 @@ def _prepare_one(
             except BuildCancelled:
                 raise
             except Exception as exc:
-                cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600])
+                if cancel is not None and cancel.is_set():  # stopped: the next start builds again
+                    raise BuildCancelled(f"the {title} engine build was stopped ({exc})") from exc
+                _record(cache, key, exc)
                 raise
             cache.write_plan(key, plan)
             cache.write_timing_cache(key, timing)
@@ -610,7 +638,9 @@ def _prepare_one(
             device = next(module.parameters()).device
             cosine = validate(runner, reference, spec, device=device, dtype=component_dtype(pipe, spec))
         except Exception as exc:
-            # A plan that loads wrong is as bad as a failed build: never retried until deleted.
-            cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600])
+            # A plan that loads wrong is as bad as a failed build: never retried until deleted
+            # (out of memory while loading or validating is retried, TRANSIENT_ATTEMPTS in all).
+            _record(cache, key, exc)
             raise
+        cache.clear_failure(key)  # earlier temporary failures are forgotten
     return Prepared(spec, runner, cache.plan_path(key), built, cosine)
