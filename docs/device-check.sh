@@ -28,7 +28,7 @@ CACHE=${SDBRIDGE_CACHE:-/tmp/sdbridge-cache}
 
 if [ "${PART:-main}" = modes ]; then
     arch=${ARCHES%% *}; size=512; if [ "$arch" = tiny ]; then size=128; fi
-    timeout "${MODES_LIMIT_S:-540}" "$PY" -m bridge.cli bench --device "$DEVICE" --arch "$arch" --size "$size" \
+    timeout -s INT -k 10 "${MODES_LIMIT_S:-540}" "$PY" -m bridge.cli bench --device "$DEVICE" --arch "$arch" --size "$size" \
         --steps 1 4 --cfg self --acceleration compile+cuda_graph --compile-mode default max-autotune-no-cudagraphs \
         --repeats 15 --warmup 3 --no-live --cache-dir "$CACHE" --json > "$OUT/bench-modes-$arch.json" 2> "$OUT/bench-modes-$arch.log"
     echo "bench modes $arch rc=$?" >> "$OUT/summary.txt"
@@ -36,16 +36,22 @@ if [ "${PART:-main}" = modes ]; then
     exit 0
 fi
 
-timeout "${TEST_LIMIT_S:-110}" "$PY" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py > "$OUT/test_engine_cuda.txt" 2>&1
-echo "test_engine_cuda rc=$?" >> "$OUT/summary.txt"
+# pytest's cache (outside the working tree) keeps the tiny models the first run generates for
+# the second. SIGINT at a time limit makes pytest print what it has; unbuffered, none is lost.
+export PYTHONUNBUFFERED=1
+PYTEST=("$PY" -m pytest -v -rA --durations=0 -o cache_dir=/tmp/pytest-cache tests/test_engine_cuda.py)
+timeout -s INT -k 10 "${TEST_LIMIT_S:-70}" "${PYTEST[@]}" -k "not compile" > "$OUT/test_engine_cuda.txt" 2>&1
+echo "test_engine_cuda (capture) rc=$?" >> "$OUT/summary.txt"
+timeout -s INT -k 10 "${COMPILE_TEST_LIMIT_S:-85}" "${PYTEST[@]}" -k compile > "$OUT/test_engine_cuda_compile.txt" 2>&1
+echo "test_engine_cuda (compile) rc=$?" >> "$OUT/summary.txt"
 
 ACCELS="none cuda_graph compile compile+cuda_graph cuda_graph+channels_last cuda_graph+cudnn_benchmark"
 for arch in $ARCHES; do
-    steps="1 4"; limit=${SD_LIMIT_S:-330}; accels=$ACCELS
-    if [ "$arch" = sdxl-turbo ]; then steps="1"; limit=${SDXL_LIMIT_S:-120}; accels="none cuda_graph"; fi
+    steps="1 4"; limit=${SD_LIMIT_S:-290}; accels=$ACCELS
+    if [ "$arch" = sdxl-turbo ]; then steps="1"; limit=${SDXL_LIMIT_S:-95}; accels="none cuda_graph"; fi
     size=512; if [ "$arch" = tiny ]; then size=128; fi
     # shellcheck disable=SC2086  # the lists split into arguments
-    timeout "$limit" "$PY" -m bridge.cli bench --device "$DEVICE" --arch "$arch" --size "$size" --steps $steps \
+    timeout -s INT -k 10 "$limit" "$PY" -m bridge.cli bench --device "$DEVICE" --arch "$arch" --size "$size" --steps $steps \
         --cfg self --acceleration $accels --repeats 15 --warmup 3 --no-live --cache-dir "$CACHE" --json \
         > "$OUT/bench-$arch.json" 2> "$OUT/bench-$arch.log"
     echo "bench $arch rc=$?" >> "$OUT/summary.txt"

@@ -13,6 +13,7 @@ It behaves as a captured CUDA graph does where that matters to the engine:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -79,17 +80,49 @@ class RecordedGraph:
         self.replays += 1
 
 
+class PoolMember:
+    """What the engine holds of a captured graph. Dropping it is destroying the graph: its pool
+    loses a user, as `CUDAGraph`'s destructor releases the pool."""
+
+    def __init__(self, graph: RecordedGraph) -> None:
+        self.graph = graph
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class StandInGraphs:
-    """The `GraphBackend` of tests: `capture` runs the body once eagerly, then records a run."""
+    """The `GraphBackend` of tests: `capture` runs the body once eagerly, then records a run.
+
+    Its memory pools behave as the CUDA caching allocator's private pools: a pool whose graphs
+    were all destroyed is not shared again (torch keeps it while any block of it is still
+    allocated, a cuBLAS workspace made during a capture say, and then fails its internal assert
+    `use_count > 0` in `create_or_incref_pool`), so captures after that need `reset_pool`."""
 
     def __init__(self) -> None:
-        self.graphs: list[RecordedGraph] = []
+        self.graphs: list[RecordedGraph] = []  # every capture, in order, alive or destroyed
+        self.pool = 0
+        self.live: dict[int, int] = {}  # graphs alive per pool that has had any
 
-    def capture(self, body: Callable[[], None]) -> RecordedGraph:
+    def reset_pool(self) -> None:
+        self.pool += 1
+
+    def _release(self, pool: int) -> None:
+        self.live[pool] -= 1
+
+    def capture(self, body: Callable[[], None]) -> PoolMember:
+        if self.live.get(self.pool) == 0:
+            raise RuntimeError(
+                "INTERNAL ASSERT FAILED at CUDACachingAllocator.cpp: it->second->use_count > 0 "
+                "(a capture into a pool whose graphs were all destroyed)"
+            )
         body()
         recorder = _Recorder()
         with recorder:
             body()
         graph = RecordedGraph(recorder.calls)
         self.graphs.append(graph)
-        return graph
+        self.live[self.pool] = self.live.get(self.pool, 0) + 1
+        member = PoolMember(graph)
+        weakref.finalize(member, self._release, self.pool)
+        return member

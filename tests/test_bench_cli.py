@@ -45,8 +45,20 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         ]
     )
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
     assert report["arch"] == "tiny" and report["resolution"] == [64, 64]
+    # Each row is also said as it is measured (stderr), so a run cut short keeps its figures.
+    first = report["engine"][0]
+    assert (
+        f"[bench]   1 step(s) none none: {first['engine_ms']} ms ({first['engine_fps']} fps), "
+        f"floor {first['floor_ms']} ms, diffusers {first['diffusers_ms']} ms" in printed.err
+    )
+    if not report["engine"][1]["available"]:
+        assert (
+            "[bench]   1 step(s) none cuda_graph: not available (acceleration 'cuda_graph' needs"
+            in printed.err
+        )
     assert report["accelerations"] == ["none", "cuda_graph"] and report["compile_modes"] == ["default"]
     assert "output_type='uint8'" in report["path"] and "device-to-host" in report["floor"]
     assert "prompt_embeds" in report["diffusers_io"] and "output_type='pil'" in report["diffusers_io"]
@@ -221,6 +233,46 @@ def test_compile_modes_run_side_by_side(
         main(["bench", "--compile-mode", "reduce-overhead"])
     assert refused.value.code == 2
     assert "invalid choice: 'reduce-overhead'" in capsys.readouterr().err
+
+
+def test_cudnn_benchmark_is_on_while_its_engine_warms_up_and_runs(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cuDNN chooses kernels when a layout is captured or first run: a cudnn_benchmark engine
+    must warm up (capture) with the switch on, and every other contender with it off."""
+    import torch
+
+    from bridge.bench import BenchConfig, run_bench
+    from bridge.engine import StreamEngine
+
+    seen: dict[str, list[bool]] = {}
+    warm_up, call = StreamEngine.warm_up, StreamEngine.__call__
+
+    def recording_warm_up(self: StreamEngine, *examples: Any) -> int:
+        seen.setdefault(f"warm_up {self.acceleration}", []).append(torch.backends.cudnn.benchmark)
+        return warm_up(self, *examples)
+
+    def recording_call(self: StreamEngine, *args: Any, **kwargs: Any) -> Any:
+        seen.setdefault(f"call {self.acceleration}", []).append(torch.backends.cudnn.benchmark)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamEngine, "warm_up", recording_warm_up)
+    monkeypatch.setattr(StreamEngine, "__call__", recording_call)
+    config = BenchConfig(
+        size=64,
+        steps=(1,),
+        cfg_types=("none",),
+        repeats=2,
+        warmup=0,
+        live=False,
+        accelerations=("cudnn_benchmark",),
+        cache_dir=model_cache,
+    )
+    run_bench(config)
+    assert seen["warm_up cudnn_benchmark"] == [True] and seen["warm_up none"] == [False]
+    assert set(seen["call cudnn_benchmark"]) == {True}
+    assert set(seen["call none"]) == {False}  # the none engine, the sequential one, the skip-rate one
+    assert torch.backends.cudnn.benchmark is False
 
 
 def test_agreement_is_bit_for_bit_and_psnr_from_its_definition() -> None:

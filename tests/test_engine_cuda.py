@@ -59,6 +59,11 @@ def test_a_captured_frame_replays_bit_for_bit(cuda_pipe: Any, cfg: str, t_index:
 def test_compile_inside_the_frame_graph_is_close_and_compiles_nothing_after_warm_up(cuda_pipe: Any) -> None:
     eager, fast = _engines(cuda_pipe, "full", [32, 45], "compile+cuda_graph")
     fast.warm_up(pattern_uint8(0, SIZE))
+    from torch._dynamo.utils import counters
+
+    # Every frame below replays a graph captured at warm-up: a layout missed there would be
+    # captured (and compiled) mid-show, which the capture and dynamo frame counts would show.
+    captures, compiled = fast._graphs.captures, counters["frames"]["total"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for k in range(FRAMES):
             for engine in (eager, fast):
@@ -69,6 +74,7 @@ def test_compile_inside_the_frame_graph_is_close_and_compiles_nothing_after_warm
             mse = float(np.mean((got - want) ** 2))
             assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, k
     assert fast.acceleration_fallback == ""
+    assert fast._graphs.captures == captures and counters["frames"]["total"] == compiled
 
 
 @pytest.mark.parametrize("family", ["tiny-sd21", "tiny-sdxl"])

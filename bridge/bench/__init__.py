@@ -65,6 +65,17 @@ def accelerations_of(asked: Any) -> list[str]:
     return spelled
 
 
+def _row_line(row: Row) -> str:
+    name = row.acceleration + (f" [{row.compile_mode}]" if row.compile_mode else "")
+    if not row.available:
+        return f"  {row.steps} step(s) {row.cfg_type} {name}: not available ({row.reason})"
+    agree = "identical" if row.identical_to_none else f"{row.psnr_db_vs_none} dB vs none"
+    return (
+        f"  {row.steps} step(s) {row.cfg_type} {name}: {row.engine_ms} ms ({row.engine_fps} fps), "
+        f"floor {row.floor_ms} ms, diffusers {row.diffusers_ms} ms, warm-up {row.warmup_s} s, {agree}"
+    )
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Run every (steps, cfg) row, each acceleration side by side, and return the JSON-ready report."""
     import diffusers
@@ -106,7 +117,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
                 progress(
                     f"measuring {steps} step(s), cfg_type={cfg}, accelerations {' '.join(accelerations)}"
                 )
-                rows += [asdict(row) for row in measure(pipe, config, steps, cfg, size, progress)]
+                for row in measure(pipe, config, steps, cfg, size, progress):
+                    rows.append(asdict(row))
+                    progress(_row_line(row))  # each figure also as it comes (a run cut short keeps them)
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     live = None

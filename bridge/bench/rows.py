@@ -154,9 +154,15 @@ def measure(
             continue
         if v.label != REFERENCE:  # eager kernels need no warm-up (warm_up returns at once)
             progress(f"  warming up acceleration {v.label} (compiling, capturing)")
+        # cuDNN picks its kernels when a graph is captured: benchmark them then, or a captured
+        # cudnn_benchmark contender replays the heuristic ones (the switch is process-wide).
+        torch.backends.cudnn.benchmark = Acceleration.parse(v.acceleration).cudnn_benchmark
         start = time.perf_counter()
-        engine.warm_up(frames[0])
-        sync()
+        try:
+            engine.warm_up(frames[0])
+            sync()
+        finally:
+            torch.backends.cudnn.benchmark = False
         warmup_s[v.label] = round(time.perf_counter() - start, 3)
         engines[v.label] = engine
 

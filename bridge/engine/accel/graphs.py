@@ -35,9 +35,12 @@ class Graph(Protocol):
 
 
 class GraphBackend(Protocol):
-    """Captures `body` (after warm-up runs) into something that replays it."""
+    """Captures `body` (after warm-up runs) into something that replays it. `reset_pool` starts
+    a new memory pool for the next captures, once every graph of the old one has been dropped."""
 
     def capture(self, body: Callable[[], None]) -> Graph: ...
+
+    def reset_pool(self) -> None: ...
 
 
 def cuda_graph_unavailable(device: str | torch.device | None = None) -> str | None:
@@ -68,19 +71,28 @@ class CudaGraphBackend:
             raise RuntimeError(reason)
         self.device = torch.device(device)
         self.pool = torch.cuda.graph_pool_handle()
-        # Streams of the engine's own device (cuda:N), not of the thread's current device:
-        # torch's default capture stream is made on whichever device is current.
-        self._side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        # A stream of the engine's own device (cuda:N), not of the thread's current device:
+        # torch's default capture stream is made on whichever device is current. The warm-up
+        # runs on it too, so that what a stream sets up once (cuBLAS's workspace is made per
+        # handle and stream) comes from the ordinary allocator, not from the graphs' pool.
         self._capture = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+    def reset_pool(self) -> None:
+        """A pool whose graphs were all destroyed cannot take new captures: torch keeps it while
+        any of its blocks is still allocated, and then refuses to share it (an internal assert,
+        `use_count > 0`). After a step-count change the graphs are dropped; capture anew."""
+        self.pool = torch.cuda.graph_pool_handle()
 
     def capture(self, body: Callable[[], None]) -> Graph:
         with torch.cuda.device(self.device):
             main = torch.cuda.current_stream(self.device)
-            self._side.wait_stream(main)
-            with torch.cuda.stream(self._side):
-                for _ in range(WARMUP_RUNS):
-                    body()
-            main.wait_stream(self._side)
+            self._capture.wait_stream(main)
+            try:
+                with torch.cuda.stream(self._capture):
+                    for _ in range(WARMUP_RUNS):
+                        body()
+            finally:  # also when a warm-up run raises: the engine restores its buffers on main next
+                main.wait_stream(self._capture)
             graph = torch.cuda.CUDAGraph()
             try:
                 # thread_local: the prompt encoder's thread may use the GPU while this one captures.
@@ -134,5 +146,7 @@ class FrameGraphs:
         self.replays += 1
 
     def clear(self) -> None:
-        """Drop every graph (a step-count change makes new buffers; their memory returns to the pool)."""
+        """Drop every graph (a step-count change makes new buffers) and start a new pool for
+        the captures to come."""
         self._graphs.clear()
+        self.backend.reset_pool()
