@@ -334,6 +334,11 @@ def test_missing_tensorrt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
     fake = make_fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     assert TensorRTBackend().version == "11.1.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version="10.0.1"))
+    with pytest.raises(ImportError, match=r"needs NVIDIA TensorRT 10\.1 to 11\.x, found TensorRT 10\.0\.1"):
+        import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version="10.1.0"))
+    assert import_tensorrt().__version__ == "10.1.0"
 
 
 # ------------------------------------------------------------------ progress and cancellation

@@ -56,6 +56,7 @@ from bridge.engine.accel.onnx_export import (
 log = logging.getLogger(__name__)
 
 TENSORRT_EXTRA = 'pip install "streamdiffusion-bridge[tensorrt]"'
+MIN_TENSORRT = (10, 1)  # USER_MANAGED working memory: set_device_memory, *_size_for_profile_v2
 MIN_COSINE = 0.999
 TENSOR_ALIGNMENT = 256  # bytes: setTensorAddress refuses a less aligned pointer (NvInferRuntime.h)
 
@@ -77,14 +78,21 @@ class ValidationFailed(RuntimeError):
 
 
 def import_tensorrt() -> Any:
-    """The `tensorrt` module, or an ImportError naming the extra to install."""
+    """The `tensorrt` module (10.1 or later), or an ImportError naming the extra to install."""
+    wanted = f"NVIDIA TensorRT {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} to 11.x"
     try:
         import tensorrt
     except ImportError as exc:
         raise ImportError(
-            f"acceleration 'tensorrt' needs NVIDIA TensorRT 10 or 11: {TENSORRT_EXTRA} "
+            f"acceleration 'tensorrt' needs {wanted}: {TENSORRT_EXTRA} "
             f"(Linux or Windows with an NVIDIA GPU); or use acceleration 'compile' ({exc})"
         ) from exc
+    version = str(tensorrt.__version__)
+    if tuple(int(part) for part in version.split(".")[:2]) < MIN_TENSORRT:
+        raise ImportError(
+            f"acceleration 'tensorrt' needs {wanted}, found TensorRT {version} (it has no "
+            f"set_device_memory): {TENSORRT_EXTRA} --upgrade; or use acceleration 'compile'"
+        )
     return tensorrt
 
 
