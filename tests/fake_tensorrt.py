@@ -3,28 +3,55 @@
 `make_fake_tensorrt()` returns a fresh module object. Every API call is appended to
 `module.calls` as (name, args...). Behaviour copied from NVIDIA/TensorRT at a892d22 (11.1):
 python/docstrings/infer/pyCoreDoc.h (the doc pages at docs.nvidia.com/deeplearning/tensorrt/
-latest/_static/python-api/infer/Core/*.html are generated from it), python/src/infer/pyCore.cpp
-and python/docstrings/parsers/pyOnnxDoc.h:
+latest/_static/python-api/infer/Core/*.html are generated from it), python/src/infer/pyCore.cpp,
+include/NvInferRuntime.h and python/docstrings/parsers/pyOnnxDoc.h. Where TensorRT's message
+is not in those sources, the fake's wording is its own.
 - `build_serialized_network` returns an IHostMemory, or None on failure (pyCoreDoc.h
   build_serialized_network; samples/python/detectron2/build_engine.py checks `is None`), after
-  logging an error through the builder's ILogger;
+  logging an error through the builder's ILogger. The progress monitor is called from a thread
+  the build starts, as TensorRT calls it from its own threads (the binding releases the GIL
+  around the build: pyCore.cpp build_serialized_network, py::gil_scoped_release);
 - the IProgressMonitor's `step_complete` returning False cancels the build; `phase_finish` is
-  then called before all steps were reported (pyCoreDoc.h IProgressMonitor.phase_finish); an
-  exception raised inside `step_complete` counts as False (pyCore.cpp PyProgressMonitor);
-- `IOptimizationProfile.set_shape` raises ValueError on inconsistent min/opt/max
-  (pyCoreDoc.h set_shape); `add_optimization_profile` returns -1 for an invalid profile;
+  then called before all steps were reported (pyCoreDoc.h IProgressMonitor.phase_finish);
+- an exception raised in a Python override of `ILogger.log` or of `phase_start`,
+  `step_complete`, `phase_finish` never reaches the caller: the binding catches everything,
+  prints "[ERROR] Exception caught in <name>(): <what>" to stderr and carries on, and
+  `step_complete` then counts as False (pyCore.cpp PyLogger, PyProgressMonitor);
+- `IOptimizationProfile.set_shape` raises RuntimeError("Shape provided for {min,opt,max} is
+  inconsistent with other shapes.") (pyCore.cpp opt_profile_set_shape);
+  `add_optimization_profile` returns -1 for an invalid profile;
 - `set_timing_cache` returns False for a cache from another version/device
   (pyCoreDoc.h set_timing_cache); `create_timing_cache(b"")` makes a new cache;
 - `deserialize_cuda_engine` returns None when the plan cannot be deserialized;
+- `create_execution_context(strategy=ExecutionContextAllocationStrategy.STATIC)` (pyCore.cpp,
+  ICudaEngine): STATIC gives the context its own working memory for the largest profile
+  (NvInferRuntime.h createExecutionContext), counted in `module.context_bytes`; USER_MANAGED
+  gives it none: `set_device_memory(memory, size)` must, 256-byte aligned and at least
+  `get_device_memory_size_for_profile_v2(profile)` bytes (pyCoreDoc.h set_device_memory,
+  NvInferRuntime.h setDeviceMemoryV2), or `execute_async_v3` fails. It returns None when the
+  context cannot be made (the C++ call returns nullptr);
 - `set_optimization_profile_async` raises RuntimeError("Error in set optimization profile
-  async.") on failure (pyCore.cpp:336), and changing the profile invalidates the input shapes;
-- `set_input_shape`, `set_tensor_address`, `execute_async_v3` return bool (pyCore.cpp:113-160);
-  a shape outside the active profile is refused;
+  async.") on failure (pyCore.cpp context_set_optimization_profile_async), and changing the
+  profile invalidates the input shapes;
+- `set_input_shape`, `set_tensor_address`, `execute_async_v3` return bool (pyCore.cpp);
+  `set_input_shape` refuses a shape whose dimensions disagree with the network's where those
+  are not -1, or a dynamic one outside the active profile; a static input needs no profile
+  (NvInferRuntime.h setInputShape: "Each dimension must agree with the network dimension
+  unless the latter was -1"). `set_tensor_address` refuses a pointer that is not 256-byte
+  aligned (NvInferRuntime.h setTensorAddress: "The pointer must have at least 256-byte
+  alignment"; "Return false if an error occurred");
+- `infer_shapes()` lists the inputs whose dynamic dimensions were not set, empty when all were
+  (pyCoreDoc.h infer_shapes); `all_binding_shapes_specified` is True exactly then (pyCoreDoc.h
+  IExecutionContext, pyCore.cpp: allInputDimensionsSpecified);
 - `NetworkDefinitionCreationFlag.STRONGLY_TYPED` exists but is ignored (11.0: always strongly
   typed); there is no `BuilderFlag.FP16` (removed in 11.0).
 A built "engine" runs its ONNX in onnxruntime on the CPU, reading and writing the raw addresses
-bound with set_tensor_address, as an engine reads device memory. Knobs: `fail_build` (an error
-message the builder logs), `corrupt_output` ("nan" or "negate").
+bound with set_tensor_address, as an engine reads device memory. Its working memory per profile
+is the fake's own figure: 4 bytes per element of the profile's largest inputs, plus
+`extra_device_memory` (what lowering a weight-streaming budget does: the sizes are stateful,
+NvInferRuntime.h getDeviceMemorySizeForProfileV2). Knobs: `fail_build` (an error message the
+builder logs), `fail_context` (one the engine logs before `create_execution_context` returns
+None), `corrupt_output` ("nan" or "negate"), `extra_device_memory` (bytes).
 """
 
 from __future__ import annotations
@@ -32,6 +59,9 @@ from __future__ import annotations
 import base64
 import ctypes
 import json
+import math
+import sys
+import threading
 import types
 from enum import IntEnum
 from pathlib import Path
@@ -41,6 +71,17 @@ import numpy as np
 
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
 TIMING_MAGIC = b"FAKE-TRT-TIMING\n"
+ALIGNMENT = 256  # bytes: setTensorAddress and setDeviceMemoryV2 want at least this
+
+
+def _override(obj: Any, name: str, *args: Any, refused: Any = None) -> Any:
+    """Call a Python override as the binding does: anything it raises is printed, not raised
+    (pyCore.cpp PyLogger::log, PyProgressMonitor), and the call yields `refused` instead."""
+    try:
+        return getattr(obj, name)(*args)
+    except BaseException as exc:  # catch (...) in the binding: KeyboardInterrupt too
+        print(f"[ERROR] Exception caught in {name}(): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return refused
 
 
 def make_fake_tensorrt(version: str = "11.1.0") -> Any:
@@ -48,7 +89,10 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
     m.__version__ = version
     m.calls = []
     m.fail_build = None
+    m.fail_context = None
     m.corrupt_output = None
+    m.extra_device_memory = 0
+    m.context_bytes = 0  # working memory TensorRT allocated itself (STATIC contexts)
     m.timing_hits = []  # per build: how many layer timings came from the timing cache
 
     def record(*call: Any) -> None:
@@ -68,6 +112,11 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
 
     class MemoryPoolType(IntEnum):
         WORKSPACE = 0
+
+    class ExecutionContextAllocationStrategy(IntEnum):  # NvInferRuntime.h, the same values
+        STATIC = 0
+        ON_PROFILE_CHANGE = 1
+        USER_MANAGED = 2
 
     class NetworkDefinitionCreationFlag(IntEnum):
         STRONGLY_TYPED = 0  # deprecated in 11.0, ignored
@@ -201,10 +250,14 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
         def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:
             record("set_shape", input, tuple(min), tuple(opt), tuple(max))
             lo, mid, hi = tuple(min), tuple(opt), tuple(max)
-            if not len(lo) == len(mid) == len(hi) or not all(
-                0 <= a <= b <= c for a, b, c in zip(lo, mid, hi, strict=True)
-            ):
-                raise ValueError(f"inconsistent shapes for {input}: {lo} {mid} {hi}")
+            # pyCore.cpp opt_profile_set_shape: setDimensions per selector, min then opt then max,
+            # each checked against the ones before it.
+            if any(d < 0 for d in lo):
+                raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
+            if len(mid) != len(lo) or any(a > b for a, b in zip(lo, mid, strict=True)):
+                raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
+            if len(hi) != len(mid) or any(b > c for b, c in zip(mid, hi, strict=True)):
+                raise RuntimeError("Shape provided for max is inconsistent with other shapes.")
             self.shapes[input] = (lo, mid, hi)
 
         def __bool__(self) -> bool:
@@ -276,41 +329,59 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
 
         def build_serialized_network(self, network: NetworkDefinition, config: BuilderConfig) -> bytes | None:
             record("build_serialized_network", config.num_optimization_profiles)
+            # TensorRT builds on threads of its own and calls the monitor and the logger from
+            # them, never from the caller's; what the fake itself gets wrong is raised here.
+            result: list[bytes | None] = []
+            failure: list[BaseException] = []
+
+            def work() -> None:
+                try:
+                    result.append(self._build(network, config))
+                except BaseException as exc:
+                    failure.append(exc)
+
+            worker = threading.Thread(target=work, name="fake-tensorrt-builder")
+            worker.start()
+            worker.join()
+            if failure:
+                raise failure[0]
+            return result[0]
+
+        def _build(self, network: NetworkDefinition, config: BuilderConfig) -> bytes | None:
+            logger = self.logger
             error = self._check(network, config)
             if error is not None:
-                self.logger.log(ILogger.Severity.ERROR, error)
+                _override(logger, "log", ILogger.Severity.ERROR, error)
                 return None
             monitor = config.progress_monitor
             layers = [f"layer{i}" for i in range(min(network.num_layers, 4))]
             cache = config.timing_cache
             hits = 0
-            if monitor is not None:
-                monitor.phase_start("Building engine", None, len(config.profiles))
+
+            def call(name: str, *args: Any) -> Any:
+                return True if monitor is None else _override(monitor, name, *args, refused=False)
+
+            call("phase_start", "Building engine", None, len(config.profiles))
             for p in range(len(config.profiles)):
-                if monitor is not None:
-                    monitor.phase_start("Timing layers", "Building engine", len(layers))
+                call("phase_start", "Timing layers", "Building engine", len(layers))
                 for step, layer in enumerate(layers):
                     key = f"{layer}@{sorted(config.profiles[p].shapes.items())}"
                     if cache is not None:
                         hits += key in cache.keys
                         cache.keys.add(key)
-                    try:
-                        go = monitor.step_complete("Timing layers", step) if monitor is not None else True
-                    except Exception:  # pyCore.cpp: an exception in step_complete cancels
-                        go = False
-                    if not go:
-                        monitor.phase_finish("Timing layers")
-                        monitor.phase_finish("Building engine")
-                        self.logger.log(ILogger.Severity.ERROR, "Engine build was cancelled by the user")
+                    if not call("step_complete", "Timing layers", step):
+                        call("phase_finish", "Timing layers")
+                        call("phase_finish", "Building engine")
+                        _override(
+                            logger, "log", ILogger.Severity.ERROR, "Engine build was cancelled by the user"
+                        )
                         return None
-                if monitor is not None:
-                    monitor.phase_finish("Timing layers")
-                    monitor.step_complete("Building engine", p)
-            if monitor is not None:
-                monitor.phase_finish("Building engine")
+                call("phase_finish", "Timing layers")
+                call("step_complete", "Building engine", p)
+            call("phase_finish", "Building engine")
             m.timing_hits.append(hits)
             if m.fail_build is not None:
-                self.logger.log(ILogger.Severity.ERROR, m.fail_build)
+                _override(logger, "log", ILogger.Severity.ERROR, m.fail_build)
                 return None
             plan = {
                 "version": version,
@@ -371,17 +442,49 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
         def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
             return [tuple(s) for s in self.plan["profiles"][profile_index][name]]
 
-        def create_execution_context(self) -> IExecutionContext:
-            record("create_execution_context")
-            return IExecutionContext(self)
+        def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
+            record("get_device_memory_size_for_profile_v2", profile_index)
+            return self._memory_size(profile_index)
+
+        @property
+        def device_memory_size_v2(self) -> int:
+            return max((self._memory_size(i) for i in range(self.num_optimization_profiles)), default=0)
+
+        def _memory_size(self, profile_index: int) -> int:
+            largest = [shapes[2] for shapes in self.plan["profiles"][profile_index].values()]
+            return 4 * sum(math.prod(shape) for shape in largest) + m.extra_device_memory
+
+        def create_execution_context(
+            self, strategy: ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy.STATIC
+        ) -> IExecutionContext | None:
+            record("create_execution_context", ExecutionContextAllocationStrategy(strategy))
+            if m.fail_context is not None:
+                _override(self.logger, "log", ILogger.Severity.ERROR, m.fail_context)
+                return None
+            if strategy != ExecutionContextAllocationStrategy.USER_MANAGED:
+                m.context_bytes += self.device_memory_size_v2  # its own, for the largest profile
+            return IExecutionContext(self, ExecutionContextAllocationStrategy(strategy))
 
     class IExecutionContext:
-        def __init__(self, engine: ICudaEngine) -> None:
-            self.engine = engine
+        def __init__(self, engine: ICudaEngine, strategy: ExecutionContextAllocationStrategy) -> None:
+            self.engine, self.strategy = engine, strategy
             self.active_optimization_profile = 0
             self.shapes: dict[str, tuple[int, ...]] = {}
             self.addresses: dict[str, int] = {}
+            self.device_memory: tuple[int, int] | None = None  # (address, bytes), USER_MANAGED
             self._session: Any = None
+
+        def set_device_memory(self, memory: int, size: int) -> None:
+            record("set_device_memory", memory, size)
+            if memory % ALIGNMENT:
+                _override(
+                    self.engine.logger,
+                    "log",
+                    ILogger.Severity.ERROR,
+                    f"setDeviceMemoryV2: {memory:#x} is not {ALIGNMENT}-byte aligned",
+                )
+                return
+            self.device_memory = (memory, size)
 
         def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
             record("set_optimization_profile_async", profile_index, stream_handle)
@@ -393,44 +496,74 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
 
         def set_input_shape(self, name: str, shape: Any) -> bool:
             record("set_input_shape", name, tuple(shape))
+            shape = tuple(shape)
+            if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT:
+                return False
+            network = self.engine.get_tensor_shape(name)
+            if len(shape) != len(network) or any(
+                d != -1 and d != s for d, s in zip(network, shape, strict=True)
+            ):
+                self._error(f"setInputShape: {name} {shape} does not match the network's {network}")
+                return False
             bounds = self.engine.plan["profiles"][self.active_optimization_profile].get(name)
-            if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT or bounds is None:
+            if bounds is None and -1 in network:
                 return False
-            lo, _, hi = bounds
-            if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
-                self.engine.logger.log(
-                    ILogger.Severity.ERROR,
-                    f"setInputShape: {name} {tuple(shape)} is outside profile [{lo}, {hi}]",
-                )
-                return False
-            self.shapes[name] = tuple(shape)
+            if bounds is not None:
+                lo, _, hi = bounds
+                if not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+                    self._error(f"setInputShape: {name} {shape} is outside profile [{lo}, {hi}]")
+                    return False
+            self.shapes[name] = shape
             return True
 
         def set_tensor_address(self, name: str, memory: int) -> bool:
             record("set_tensor_address", name, memory)
-            if name not in self.engine.io:
+            if name not in self.engine.io or memory % ALIGNMENT:
                 return False
             self.addresses[name] = memory
             return True
 
+        def _inputs(self) -> list[str]:
+            engine = self.engine
+            return [n for n in engine.names if engine.get_tensor_mode(n) == TensorIOMode.INPUT]
+
+        def _shape(self, name: str) -> tuple[int, ...] | None:
+            network = self.engine.get_tensor_shape(name)
+            return self.shapes.get(name) if -1 in network else network
+
+        def infer_shapes(self) -> list[str]:
+            record("infer_shapes")
+            return [n for n in self._inputs() if self._shape(n) is None]
+
+        @property
+        def all_binding_shapes_specified(self) -> bool:
+            record("all_binding_shapes_specified")
+            return all(self._shape(n) is not None for n in self._inputs())
+
+        def _error(self, msg: str) -> None:
+            _override(self.engine.logger, "log", ILogger.Severity.ERROR, msg)
+
         def execute_async_v3(self, stream_handle: int) -> bool:
             record("execute_async_v3", stream_handle)
             engine = self.engine
-            inputs = [n for n in engine.names if engine.get_tensor_mode(n) == TensorIOMode.INPUT]
-            if any(n not in self.shapes for n in inputs) or any(
+            inputs = self._inputs()
+            if any(self._shape(n) is None for n in inputs) or any(
                 n not in self.addresses for n in engine.names
             ):
-                engine.logger.log(
-                    ILogger.Severity.ERROR, "enqueueV3: not all input shapes or addresses are set"
-                )
+                self._error("enqueueV3: not all input shapes or addresses are set")
                 return False
+            if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED:
+                need = engine._memory_size(self.active_optimization_profile)
+                if self.device_memory is None or self.device_memory[1] < need:
+                    self._error(f"enqueueV3: device memory {self.device_memory} is smaller than {need} bytes")
+                    return False
             import onnxruntime
 
             if self._session is None:
                 self._session = onnxruntime.InferenceSession(
                     base64.b64decode(engine.plan["onnx"]), providers=["CPUExecutionProvider"]
                 )
-            feeds = {n: self._view(n, self.shapes[n]) for n in inputs}
+            feeds = {n: self._view(n, self._shape(n) or ()) for n in inputs}
             results = self._session.run(None, feeds)
             outputs = [n for n in engine.names if engine.get_tensor_mode(n) == TensorIOMode.OUTPUT]
             for name, value in zip(outputs, results, strict=True):
@@ -463,7 +596,9 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
                 if plan["version"] != version:
                     raise ValueError(f"the plan was built by TensorRT {plan['version']}, this is {version}")
             except ValueError as exc:
-                self.logger.log(ILogger.Severity.ERROR, f"IRuntime::deserializeCudaEngine: {exc}")
+                _override(
+                    self.logger, "log", ILogger.Severity.ERROR, f"IRuntime::deserializeCudaEngine: {exc}"
+                )
                 return None
             return ICudaEngine(plan, self.logger)
 

@@ -17,7 +17,13 @@ import torch
 
 from bridge.engine.accel import tensorrt as tensorrt_backend
 from bridge.engine.accel.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
-from bridge.engine.accel.onnx_export import Component, unet_spec, vae_decoder_spec, vae_encoder_spec
+from bridge.engine.accel.onnx_export import (
+    Component,
+    export_onnx,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 from bridge.engine.accel.tensorrt import (
     BuildCancelled,
     BuildProgress,
@@ -25,6 +31,7 @@ from bridge.engine.accel.tensorrt import (
     OnnxRuntimeBackend,
     TensorRTBackend,
     _progress_monitor,
+    aligned_empty,
     import_tensorrt,
     prepare_engines,
 )
@@ -41,6 +48,17 @@ def _names(fake: Any) -> list[str]:
 
 def _decoder(pipe: Any, rows: tuple[int, ...] = (1, 2)) -> Any:
     return vae_decoder_spec(pipe.vae, width=SIZE, height=SIZE, rows=rows)
+
+
+def _aligned(*shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 CPU buffer on a 256-byte boundary, as TensorRT wants its buffers (torch's CPU
+    allocator aligns to 64 bytes only; its CUDA one to 512)."""
+    buffer = aligned_empty(shape, dtype=torch.float32, device="cpu")
+    return buffer.copy_(like) if like is not None else buffer.normal_()
+
+
+def _decoder_runner(pipe: Any, root: Path, fake: Any, rows: tuple[int, ...] = (1, 2)) -> Any:
+    return _prepare(pipe, [_decoder(pipe, rows=rows)], root, fake).ready[Component.VAE_DECODER].runner
 
 
 def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, **kwargs: Any) -> Any:
@@ -128,9 +146,9 @@ def test_the_timing_cache_persists_across_builds(tiny_pipe: Any, tmp_path: Path)
 
 def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: Path) -> None:
     fake = make_fake_tensorrt()
-    runner = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).ready[Component.VAE_DECODER].runner
-    latents = torch.randn(2, 4, 8, 8)
-    image = torch.empty(2, 3, SIZE, SIZE)
+    runner = _decoder_runner(tiny_pipe, tmp_path, fake)
+    latents = _aligned(2, 4, 8, 8)
+    image = _aligned(2, 3, SIZE, SIZE)
     fake.calls.clear()
     runner.bind(2, [latents], [image])
     assert ("set_tensor_address", "latents", latents.data_ptr()) in fake.calls
@@ -143,9 +161,101 @@ def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: P
         want = tiny_pipe.vae.decode(latents, return_dict=False)[0]
     torch.testing.assert_close(image, want, rtol=1e-4, atol=5e-5)
     with pytest.raises(LoadFailed, match=r"no optimization profile for 3 rows; the engine has \[1, 2\]"):
-        runner.bind(3, [torch.zeros(3, 4, 8, 8)], [torch.zeros(3, 3, SIZE, SIZE)])
+        runner.bind(3, [_aligned(3, 4, 8, 8)], [_aligned(3, 3, SIZE, SIZE)])
+    doubles = aligned_empty((1, 4, 8, 8), dtype=torch.float64, device="cpu")
     with pytest.raises(LoadFailed, match=r"'latents' is torch\.float64, the engine wants torch\.float32"):
-        runner.bind(1, [torch.zeros(1, 4, 8, 8, dtype=torch.float64)], [torch.zeros(1, 3, SIZE, SIZE)])
+        runner.bind(1, [doubles], [_aligned(1, 3, SIZE, SIZE)])
+
+
+def test_a_buffer_off_a_256_byte_boundary_is_refused_with_the_reason(tiny_pipe: Any, tmp_path: Path) -> None:
+    runner = _decoder_runner(tiny_pipe, tmp_path, make_fake_tensorrt())
+    storage = _aligned(1 * 4 * 8 * 8 + 16)
+    latents = storage[16:].view(1, 4, 8, 8)  # a view 64 bytes into another tensor
+    with pytest.raises(
+        LoadFailed,
+        match=r"input 'latents' starts at 0x[0-9a-f]+, 64 bytes past a 256-byte boundary; "
+        r"TensorRT needs 256-byte aligned buffers",
+    ):
+        runner.bind(1, [latents], [_aligned(1, 3, SIZE, SIZE)])
+
+
+# ------------------------------------------------------------------ working memory and binding checks
+def test_the_contexts_share_one_working_memory_sized_for_the_largest_profile(
+    tiny_pipe: Any, tmp_path: Path
+) -> None:
+    fake = make_fake_tensorrt()
+    runner = _decoder_runner(tiny_pipe, tmp_path, fake, rows=(1, 2, 3))  # validation bound all three
+    strategies = [c[1] for c in fake.calls if c[0] == "create_execution_context"]
+    assert strategies == [fake.ExecutionContextAllocationStrategy.USER_MANAGED] * 3
+    assert fake.context_bytes == 0  # TensorRT allocated no working memory of its own
+    largest = 4 * 3 * 4 * 8 * 8  # the fake's figure for the 3-row profile
+    memory = [c[1:] for c in fake.calls if c[0] == "set_device_memory"]
+    assert len(memory) == 3 and len(set(memory)) == 1 and memory[0][1] == largest
+    assert memory[0][0] % 256 == 0
+
+    # A profile that needs more later (a weight-streaming budget change): one new block, and
+    # every context, bound before or now, runs on it.
+    fake.extra_device_memory = 4096
+    fake.calls.clear()
+    latents, image = _aligned(1, 4, 8, 8), _aligned(1, 3, SIZE, SIZE)
+    runner.bind(1, [latents], [image])
+    moved = [c[1:] for c in fake.calls if c[0] == "set_device_memory"]
+    assert len(moved) == 3 and len(set(moved)) == 1 and moved[0][1] == largest + 4096
+    for rows in (1, 2, 3):
+        runner.run(rows)  # the fake refuses a context whose memory is smaller than its profile needs
+
+
+def test_the_default_strategy_would_give_each_context_its_own_memory() -> None:
+    # The reference the test above compares with: the fake's STATIC contexts allocate themselves.
+    fake = make_fake_tensorrt()
+    engine = fake.ICudaEngine(
+        {"version": "11.1.0", "onnx": "", "io": [["x", [-1, 4], 0, 1]], "profiles": [{"x": [[1, 4]] * 3}]},
+        fake.ILogger(),
+    )
+    engine.create_execution_context()
+    engine.create_execution_context()
+    assert fake.context_bytes == 2 * 4 * 4
+
+
+def test_bound_tensors_must_share_the_working_memory_s_device(tiny_pipe: Any, tmp_path: Path) -> None:
+    runner = _decoder_runner(tiny_pipe, tmp_path, make_fake_tensorrt())  # bound on the CPU
+    meta = torch.empty(1, 3, SIZE, SIZE, device="meta")
+    with pytest.raises(
+        LoadFailed, match=r"the bound tensors are on \['cpu', 'meta'\]; an engine runs on one"
+    ):
+        runner.bind(1, [_aligned(1, 4, 8, 8)], [meta])
+    with pytest.raises(LoadFailed, match="the tensors are on meta, the engine's working memory on cpu"):
+        runner.bind(1, [torch.empty(1, 4, 8, 8, device="meta")], [meta])
+
+
+def test_a_context_tensorrt_cannot_create_falls_back_with_its_error(tiny_pipe: Any, tmp_path: Path) -> None:
+    fake = make_fake_tensorrt()
+    fake.fail_context = "Requested amount of GPU memory (8589934592 bytes) could not be allocated"
+    reason = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).fallbacks[Component.VAE_DECODER]
+    assert "LoadFailed: TensorRT could not create a vae_decoder context: Requested amount" in reason
+
+
+@pytest.mark.parametrize("lost", ["infer_shapes", "all_binding_shapes_specified"])
+def test_a_shape_tensorrt_lacks_after_binding_is_named_at_bind(
+    tiny_pipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str
+) -> None:
+    fake = make_fake_tensorrt()
+    runner = _decoder_runner(tiny_pipe, tmp_path, fake)
+    if lost == "infer_shapes":
+        monkeypatch.setattr(fake.IExecutionContext, "infer_shapes", lambda self: ["latents"])
+        want = r"after binding 2 rows TensorRT still lacks the shapes of \['latents'\]"
+    else:
+        monkeypatch.setattr(fake.IExecutionContext, "all_binding_shapes_specified", False)
+        want = r"still lacks the shapes of some inputs \(all_binding_shapes_specified is False\)"
+    with pytest.raises(LoadFailed, match=want):
+        runner.bind(2, [_aligned(2, 4, 8, 8)], [_aligned(2, 3, SIZE, SIZE)])
+
+    def fails(self: Any) -> list[str]:
+        raise RuntimeError("infer_shapes error code: -1")  # pyCore.cpp infer_shapes
+
+    monkeypatch.setattr(fake.IExecutionContext, "infer_shapes", fails)
+    with pytest.raises(LoadFailed, match="could not infer the shapes at 1 rows: infer_shapes error code: -1"):
+        runner.bind(1, [_aligned(1, 4, 8, 8)], [_aligned(1, 3, SIZE, SIZE)])
 
 
 # ------------------------------------------------------------------ failures and the negative cache
@@ -265,6 +375,11 @@ def test_missing_tensorrt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
     fake = make_fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     assert TensorRTBackend().version == "11.1.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version="10.0.1"))
+    with pytest.raises(ImportError, match=r"needs NVIDIA TensorRT 10\.1 to 11\.x, found TensorRT 10\.0\.1"):
+        import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version="10.1.0"))
+    assert import_tensorrt().__version__ == "10.1.0"
 
 
 # ------------------------------------------------------------------ progress and cancellation
@@ -291,6 +406,95 @@ def test_a_stop_request_cancels_the_build_and_records_nothing(tiny_pipe: Any, tm
     assert len(steps) == 1 and fake.timing_hits == []  # the build ended at its first step
     assert not list(tmp_path.glob("*/failed.json")) and not list(tmp_path.glob("*/engine.plan"))
     assert _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, make_fake_tensorrt()).ok  # next start builds
+
+
+def test_the_monitor_is_called_from_the_builder_s_thread_not_the_caller_s(
+    tiny_pipe: Any, tmp_path: Path
+) -> None:
+    class Recording(BuildProgress):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.threads: set[int] = set()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.threads.add(threading.get_ident())
+            super().phase_start(phase_name, parent_phase, num_steps)
+
+    spec = _decoder(tiny_pipe)
+    onnx_path = export_onnx(tiny_pipe, spec, tmp_path / "onnx" / "model.onnx", opset=17)
+    backend = TensorRTBackend(make_fake_tensorrt(), stream=lambda: STREAM)
+    progress = Recording("tensorrt vae_decoder", bars=False)
+    plan, _ = backend.build(onnx_path, spec, settings=BuilderSettings(), timing_cache=b"", progress=progress)
+    assert plan and progress.threads and threading.get_ident() not in progress.threads
+    assert progress.phases[0] == ("Building engine", 2) and not progress.cancelled
+
+    progress = Recording("tensorrt vae_decoder", cancel=threading.Event(), bars=False)
+    progress.cancel.set()  # set on the caller's thread, seen on the builder's
+    with pytest.raises(BuildCancelled):
+        backend.build(onnx_path, spec, settings=BuilderSettings(), timing_cache=b"", progress=progress)
+
+
+def test_the_fake_is_as_strict_as_tensorrt_where_it_could_be_kinder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = make_fake_tensorrt()
+    # pyCore.cpp opt_profile_set_shape: a RuntimeError naming the selector.
+    profile = fake.IOptimizationProfile()
+    with pytest.raises(RuntimeError, match=r"Shape provided for max is inconsistent with other shapes\."):
+        profile.set_shape("x", (1, 4), (2, 4), (1, 4))
+    # NvInferRuntime.h setInputShape: a static input needs no profile, only matching dimensions.
+    plan = {
+        "version": "11.1.0",
+        "onnx": "",
+        "io": [["ids", [1, 6], 0, 1], ["x", [-1, 4], 0, 1], ["y", [-1, 4], 0, 2]],
+        "profiles": [{"x": [[1, 4], [2, 4], [2, 4]]}],
+    }
+    context = fake.ICudaEngine(plan, fake.ILogger()).create_execution_context()
+    assert context.set_input_shape("ids", (1, 6)) and not context.set_input_shape("ids", (2, 6))
+    assert context.infer_shapes() == ["x"] and not context.all_binding_shapes_specified
+    assert context.set_input_shape("x", (2, 4)) and not context.set_input_shape("x", (3, 4))
+    assert context.infer_shapes() == [] and context.all_binding_shapes_specified
+    # NvInferRuntime.h setTensorAddress: at least 256-byte alignment, else False.
+    assert context.set_tensor_address("x", 0x1000) and not context.set_tensor_address("x", 0x1040)
+    # A USER_MANAGED context runs only on memory it was given, aligned and large enough.
+    user = fake.ICudaEngine(plan, fake.ILogger()).create_execution_context(
+        fake.ExecutionContextAllocationStrategy.USER_MANAGED
+    )
+    for name, address in (("ids", 0x1000), ("x", 0x2000), ("y", 0x3000)):
+        assert user.set_tensor_address(name, address)
+    assert user.set_input_shape("x", (2, 4))
+    assert not user.execute_async_v3(0)  # no memory
+    user.set_device_memory(0x4000, 4 * 2 * 4 - 1)
+    assert not user.execute_async_v3(0)  # one byte short of the profile's
+    user.set_device_memory(0x4040, 4 * 2 * 4)
+    assert not user.execute_async_v3(0) and user.device_memory == (0x4000, 4 * 2 * 4 - 1)  # misaligned
+    # pyCore.cpp PyLogger, PyProgressMonitor: what an override raises is printed, never raised.
+
+    class Broken(fake.ILogger):  # type: ignore[misc, name-defined]
+        def log(self, severity: Any, msg: str) -> None:
+            raise ValueError("a logging handler broke")
+
+    class Interrupted(fake.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            raise ValueError("no terminal")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            raise KeyboardInterrupt
+
+        def phase_finish(self, phase_name: str) -> None:
+            raise ValueError("no bar")
+
+    network = fake.NetworkDefinition(0)
+    network.onnx_path, network.num_layers = "model.onnx", 1
+    config = fake.Builder(Broken()).create_builder_config()
+    config.progress_monitor = Interrupted()
+    config.profiles.append(fake.IOptimizationProfile())
+    assert fake.Builder(Broken()).build_serialized_network(network, config) is None  # cancelled
+    err = capsys.readouterr().err
+    assert "[ERROR] Exception caught in phase_start(): ValueError: no terminal" in err
+    assert "[ERROR] Exception caught in step_complete(): KeyboardInterrupt" in err
+    assert "[ERROR] Exception caught in phase_finish(): ValueError: no bar" in err
+    assert "[ERROR] Exception caught in log(): ValueError: a logging handler broke" in err
 
 
 def test_keyboard_interrupt_inside_a_callback_cancels() -> None:

@@ -3,11 +3,14 @@
 A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one (`load`) into a
 `Runner`, which is bound once per layout to static tensors (`bind`) and then run once per frame
 (`run`). Two backends implement it:
-- `TensorRTBackend`, the TensorRT Python API (10.x and 11.x): a strongly typed network parsed from
+- `TensorRTBackend`, the TensorRT Python API (10.1 to 11.x): a strongly typed network parsed from
   the ONNX, one static optimization profile per reachable row count, the persisted timing cache,
   progress through `trt.IProgressMonitor` (returning False from `step_complete` cancels the
-  build), and at run time `set_tensor_address` on the static buffers and `execute_async_v3` on
-  torch's current stream, so a captured frame graph can hold the call;
+  build), and at run time one execution context per profile, all on one block of working memory
+  the runner owns (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static
+  buffers bound with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT
+  requires) and checked with `infer_shapes`, and `execute_async_v3` on torch's current stream,
+  so a captured frame graph can hold the call;
 - `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
   profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -57,7 +61,9 @@ from bridge.engine.accel.onnx_export import (
 log = logging.getLogger(__name__)
 
 TENSORRT_EXTRA = 'pip install "streamdiffusion-bridge[tensorrt]"'
+MIN_TENSORRT = (10, 1)  # USER_MANAGED working memory: set_device_memory, *_size_for_profile_v2
 MIN_COSINE = 0.999
+TENSOR_ALIGNMENT = 256  # bytes: setTensorAddress refuses a less aligned pointer (NvInferRuntime.h)
 
 
 class BuildFailed(RuntimeError):
@@ -77,14 +83,21 @@ class ValidationFailed(RuntimeError):
 
 
 def import_tensorrt() -> Any:
-    """The `tensorrt` module, or an ImportError naming the extra to install."""
+    """The `tensorrt` module (10.1 or later), or an ImportError naming the extra to install."""
+    wanted = f"NVIDIA TensorRT {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} to 11.x"
     try:
         import tensorrt
     except ImportError as exc:
         raise ImportError(
-            f"acceleration 'tensorrt' needs NVIDIA TensorRT 10 or 11: {TENSORRT_EXTRA} "
+            f"acceleration 'tensorrt' needs {wanted}: {TENSORRT_EXTRA} "
             f"(Linux or Windows with an NVIDIA GPU); or use acceleration 'compile' ({exc})"
         ) from exc
+    version = str(tensorrt.__version__)
+    if tuple(int(part) for part in version.split(".")[:2]) < MIN_TENSORRT:
+        raise ImportError(
+            f"acceleration 'tensorrt' needs {wanted}, found TensorRT {version} (it has no "
+            f"set_device_memory): {TENSORRT_EXTRA} --upgrade; or use acceleration 'compile'"
+        )
     return tensorrt
 
 
@@ -197,8 +210,27 @@ class Backend(Protocol):
     def load(self, plan: bytes, spec: ExportSpec) -> Runner: ...
 
 
-def _check_binding(spec: ExportSpec, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
-    """Static buffers must match the spec exactly: TensorRT reads raw addresses."""
+def aligned_empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialised contiguous tensor whose data starts on a TENSOR_ALIGNMENT boundary.
+
+    torch's CUDA allocator hands out 512-byte aligned blocks, so on a GPU this is a plain
+    allocation at offset 0; its CPU allocator aligns to 64 bytes only."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = torch.empty(nbytes + TENSOR_ALIGNMENT, dtype=torch.uint8, device=device)
+    offset = -raw.data_ptr() % TENSOR_ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).view(tuple(shape))
+
+
+def _check_binding(
+    spec: ExportSpec,
+    rows: int,
+    inputs: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    *,
+    alignment: int = 1,
+) -> None:
+    """Static buffers must match the spec exactly, each starting on an `alignment`-byte
+    boundary: TensorRT reads raw addresses."""
     for kind, specs, tensors in (("input", spec.inputs, inputs), ("output", spec.outputs, outputs)):
         if len(tensors) != len(specs):
             raise LoadFailed(
@@ -209,6 +241,13 @@ def _check_binding(spec: ExportSpec, rows: int, inputs: Sequence[Tensor], output
                 raise LoadFailed(
                     f"{spec.component.value}: {kind} {tspec.name!r} is {tuple(tensor.shape)} "
                     f"(contiguous={tensor.is_contiguous()}), expected contiguous {tspec.concrete(rows)}"
+                )
+            if tensor.data_ptr() % alignment:
+                raise LoadFailed(
+                    f"{spec.component.value}: {kind} {tspec.name!r} starts at {tensor.data_ptr():#x}, "
+                    f"{tensor.data_ptr() % alignment} bytes past a {alignment}-byte boundary; TensorRT "
+                    f"needs {alignment}-byte aligned buffers: allocate it on its own (a view at an "
+                    f"offset into another tensor is not aligned)"
                 )
 
 
@@ -346,7 +385,15 @@ class TensorRTBackend:
 
 
 class TensorRTRunner:
-    """One execution context per profile, each bound once to its layout's static buffers."""
+    """One execution context per profile, each bound once to its layout's static buffers.
+
+    The contexts share one block of working memory, which the runner owns: they never run at
+    the same time (one frame at a time, on one stream), and TensorRT's default (STATIC) would give
+    each its own block sized for the largest profile, N profiles costing N blocks. The block is
+    allocated at the first `bind`, on the bound tensors' device, for the largest profile, so its
+    address stays put while graphs are captured. Should a later bind find a profile needing more
+    (the sizes are stateful: a weight-streaming budget changes them), it grows: a new block, every
+    context moved onto it, the old one kept alive for the graphs captured on it."""
 
     def __init__(
         self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, stream: Callable[[], int]
@@ -356,17 +403,29 @@ class TensorRTRunner:
         self._stream = stream
         self._contexts: dict[int, Any] = {}
         self._bound: dict[int, tuple[Tensor, ...]] = {}  # keeps the buffers alive while bound
+        self._memory: Tensor | None = None  # (bytes,) uint8, the contexts' shared working memory
+        self._outgrown: list[Tensor] = []  # earlier blocks, still addressed by captured graphs
 
     def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
         title = self.spec.component.value
         index = _profile_index(self.spec, rows)
-        _check_binding(self.spec, rows, inputs, outputs)
+        _check_binding(self.spec, rows, inputs, outputs, alignment=TENSOR_ALIGNMENT)
+        # 1. The working memory, on the device of the tensors (the engine's), grown if too small.
+        devices = sorted({str(t.device) for t in (*inputs, *outputs)})
+        if len(devices) != 1:
+            raise LoadFailed(f"{title}: the bound tensors are on {devices}; an engine runs on one device")
+        memory = self._working_memory(torch.device(devices[0]))
+        # 2. The profile's context, created once, on that memory.
         context = self._contexts.get(rows)
         if context is None:
-            context = self.engine.create_execution_context()
+            context = self.engine.create_execution_context(
+                self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            )
             if context is None:
                 raise LoadFailed(f"TensorRT could not create a {title} context: {_errors(self._logger)}")
+            context.set_device_memory(memory.data_ptr(), memory.numel())
             context.set_optimization_profile_async(index, self._stream())
+        # 3. Shapes and addresses of the static buffers.
         for tspec, tensor in zip(self.spec.inputs, inputs, strict=True):
             self._check_dtype(tspec.name, tensor)
             if not context.set_input_shape(tspec.name, tspec.concrete(rows)):
@@ -375,8 +434,45 @@ class TensorRTRunner:
             self._check_dtype(tspec.name, tensor)
             if not context.set_tensor_address(tspec.name, tensor.data_ptr()):
                 raise LoadFailed(f"{title}: TensorRT refused the address of {tspec.name!r}")
+        # 4. Nothing left unspecified: what enqueue would refuse at the first frame, said here.
+        try:
+            missing = list(context.infer_shapes())
+        except RuntimeError as exc:  # a shape TensorRT cannot infer, e.g. a negative dimension
+            raise LoadFailed(f"{title}: TensorRT could not infer the shapes at {rows} rows: {exc}") from exc
+        if missing or not context.all_binding_shapes_specified:
+            raise LoadFailed(
+                f"{title}: after binding {rows} rows TensorRT still lacks the shapes of "
+                f"{missing or 'some inputs (all_binding_shapes_specified is False)'}"
+            )
         self._contexts[rows] = context
         self._bound[rows] = (*inputs, *outputs)
+
+    def _working_memory(self, device: torch.device) -> Tensor:
+        """The shared block, at least as large as every profile needs, on `device`."""
+        need = max(
+            int(self.engine.get_device_memory_size_for_profile_v2(i))
+            for i in range(self.engine.num_optimization_profiles)
+        )
+        memory = self._memory
+        if memory is not None and memory.device != device:
+            raise LoadFailed(
+                f"{self.spec.component.value}: the tensors are on {device}, the engine's working "
+                f"memory on {memory.device}; bind every row count on one device"
+            )
+        if memory is not None and memory.numel() >= need:
+            return memory
+        if memory is not None:
+            log.info(
+                "%s: the engine needs %d bytes of working memory, not %d",
+                self.spec.component.value,
+                need,
+                memory.numel(),
+            )
+            self._outgrown.append(memory)
+        memory = self._memory = aligned_empty((need,), dtype=torch.uint8, device=device)
+        for context in self._contexts.values():
+            context.set_device_memory(memory.data_ptr(), memory.numel())
+        return memory
 
     def _check_dtype(self, name: str, tensor: Tensor) -> None:
         want = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
@@ -530,10 +626,12 @@ def validate(
     """Run the engine and torch on fixed inputs at every profile; cosine >= MIN_COSINE, all finite."""
     scores: dict[int, float] = {}
     for rows in spec.rows:
-        inputs = sample_inputs(spec, rows, dtype=dtype, device=device, seed=1234 + rows)
+        samples = sample_inputs(spec, rows, dtype=dtype, device=device, seed=1234 + rows)
+        # Buffers of their own, aligned as TensorRT wants them whatever the allocator gives.
+        inputs = [aligned_empty(t.shape, dtype=t.dtype, device=t.device).copy_(t) for t in samples]
         with torch.no_grad():
             want = reference(*inputs)
-        got = torch.empty_like(want).contiguous()
+        got = aligned_empty(want.shape, dtype=want.dtype, device=want.device)
         runner.bind(rows, inputs, [got])
         runner.run(rows)
         got_cpu, want_cpu = got.detach().to("cpu", torch.float64), want.detach().to("cpu", torch.float64)
