@@ -13,10 +13,12 @@ offline hub model is not cached.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import platform
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,21 @@ def _tensorrt() -> dict[str, Any]:
         }
     except Exception as exc:  # a broken TensorRT install raises anything from its loader
         return {"installed": False, "note": f"present but fails to import: {type(exc).__name__}: {exc}"}
-    return {"installed": True, "version": str(getattr(trt, "__version__", "unknown"))}
+    info: dict[str, Any] = {"installed": True, "version": str(getattr(trt, "__version__", "unknown"))}
+    cuda = tensorrt_cuda_major(d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    if cuda is not None:
+        info["cuda_major"] = cuda
+    return info
+
+
+def tensorrt_cuda_major(distributions: Iterable[str]) -> int | None:
+    """The CUDA major version the installed TensorRT wheels are built for, from their names
+    (tensorrt-cu12, tensorrt_cu13_libs, ...); None when no such wheel is among them."""
+    for name in distributions:
+        found = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?", name.lower())
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _transports() -> list[dict[str, Any]]:
@@ -157,6 +173,15 @@ def acceleration_notes(
             )
         elif not torch_info["cuda"]:
             notes.append("tensorrt: torch sees no CUDA device; frames will run on the exact torch path")
+        elif "cuda_major" in trt_info and torch_info.get("cuda_version"):
+            torch_major = int(str(torch_info["cuda_version"]).split(".")[0])
+            if torch_major != trt_info["cuda_major"]:
+                notes.append(
+                    f"tensorrt: TensorRT is built for CUDA {trt_info['cuda_major']} and torch for CUDA "
+                    f"{torch_info['cuda_version']}; they must share one CUDA: "
+                    f'pip install "streamdiffusion-bridge[tensorrt-cu{torch_major}]" (engines that fail to '
+                    f"build or load run on the exact torch path)"
+                )
         from bridge.engine.accel.engine_cache import EngineCache
         from bridge.engine.accel.engine_networks import ENGINE_CACHE
 

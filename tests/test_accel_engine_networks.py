@@ -191,6 +191,40 @@ def test_a_stop_during_the_engine_build_cancels_it(
             seen[0].set()
 
 
+def test_doctor_compares_tensorrt_s_cuda_with_torch_s(tmp_path: Path) -> None:
+    """NVIDIA's `tensorrt` metapackage brings CUDA 13 wheels; a torch built for CUDA 12 cannot
+    load engines beside them. doctor names the extra that matches torch."""
+    from bridge.doctor import tensorrt_cuda_major
+
+    assert tensorrt_cuda_major(["numpy", "tensorrt_cu13_libs", "tensorrt"]) == 13
+    assert tensorrt_cuda_major(["tensorrt-cu12"]) == 12
+    assert tensorrt_cuda_major(["tensorrt_cu12_bindings"]) == 12
+    assert tensorrt_cuda_major(["tensorrt", "tensorrt_cu12_libsx", "pytensorrt-cu12"]) is None
+    config = load_config(None, ["engine.acceleration=tensorrt", f"engine.cache_dir={tmp_path}"])
+    torch12 = {"cuda": True, "cuda_version": "12.8"}
+    trt13 = {"installed": True, "version": "11.4.0.106", "cuda_major": 13}
+    assert check_config(config, torch12, _rows(), trt_info=trt13)["acceleration_notes"] == [
+        "tensorrt: TensorRT is built for CUDA 13 and torch for CUDA 12.8; they must share one CUDA: "
+        'pip install "streamdiffusion-bridge[tensorrt-cu12]" (engines that fail to build or load run on '
+        "the exact torch path)"
+    ]
+    same = {"cuda": True, "cuda_version": "13.0"}
+    assert check_config(config, same, _rows(), trt_info=trt13)["acceleration_notes"] == []
+    unknown = {"installed": True, "version": "11.4.0.106"}  # installed some other way: not judged
+    assert check_config(config, torch12, _rows(), trt_info=unknown)["acceleration_notes"] == []
+
+
+def test_the_tensorrt_extras_pin_the_cuda_doctor_names() -> None:
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for cuda in (12, 13):
+        assert extras[f"tensorrt-cu{cuda}"][0].startswith(f"tensorrt-cu{cuda}>=")
+        assert extras[f"tensorrt-cu{cuda}"][1:] == extras["tensorrt"][1:]
+
+
 def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
     failed = tmp_path / ENGINE_CACHE / "unet-0123abcd"
     failed.mkdir(parents=True)
