@@ -513,6 +513,24 @@ def test_keyboard_interrupt_inside_a_callback_cancels() -> None:
     assert progress.phases == [("Building engine", 3)]
 
 
+def test_a_broken_progress_display_neither_cancels_nor_fails_the_build(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bar that cannot draw (the terminal went away) is not a failed build of many minutes."""
+
+    def no_terminal(self: Any, *args: Any) -> Any:
+        raise OSError("[Errno 5] Input/output error")
+
+    monkeypatch.setattr(BuildProgress, "step_complete", no_terminal)
+    monkeypatch.setattr(BuildProgress, "phase_start", no_terminal)
+    fake = make_fake_tensorrt()
+    with caplog.at_level(logging.WARNING):
+        report = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake)
+    assert report.ok, report.fallbacks
+    assert "the build's progress display failed (OSError: [Errno 5] Input/output error)" in caplog.text
+    assert EngineCache(tmp_path).recorded_failures() == []
+
+
 # ------------------------------------------------------------------ end to end on the CPU
 def test_onnxruntime_backend_runs_the_whole_path(tiny_sdxl_pipe: Any, tmp_path: Path) -> None:
     pipe = tiny_sdxl_pipe

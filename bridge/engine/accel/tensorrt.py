@@ -151,31 +151,36 @@ class BuildProgress:
 
 def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
     """A `trt.IProgressMonitor` forwarding to `progress`. A KeyboardInterrupt raised inside a
-    callback cancels the build (the binding would print it and return False anyway)."""
+    callback cancels the build (the binding would print it and return False anyway). Any other
+    error of the progress display (a terminal gone, say) is logged and ignored: it must neither
+    cancel a build of many minutes nor be recorded as that build's failure."""
+
+    def guarded(call: Callable[[], Any], default: Any) -> Any:
+        try:
+            return call()
+        except KeyboardInterrupt:
+            progress.cancel.set()
+            progress.cancelled = True
+            return False
+        except Exception as exc:
+            log.warning(
+                "%s: the build's progress display failed (%s: %s)", progress.title, type(exc).__name__, exc
+            )
+            return default
 
     class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            try:
-                progress.phase_start(phase_name, parent_phase, num_steps)
-            except KeyboardInterrupt:
-                progress.cancel.set()
+            guarded(lambda: progress.phase_start(phase_name, parent_phase, num_steps), None)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            try:
-                return progress.step_complete(phase_name, step)
-            except KeyboardInterrupt:
-                progress.cancel.set()
-                progress.cancelled = True
-                return False
+            go = guarded(lambda: progress.step_complete(phase_name, step), True)
+            return bool(go) and not progress.cancel.is_set()
 
         def phase_finish(self, phase_name: str) -> None:
-            try:
-                progress.phase_finish(phase_name)
-            except KeyboardInterrupt:
-                progress.cancel.set()
+            guarded(lambda: progress.phase_finish(phase_name), None)
 
     return Monitor()
 
