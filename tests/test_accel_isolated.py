@@ -170,6 +170,7 @@ def test_a_stop_terminates_the_child_within_2_s(tiny_pipe: Any, tmp_path: Path) 
     cancel = threading.Event()
     progress = BuildProgress("tensorrt vae_decoder", cancel=cancel, bars=False)
     children: list[int] = []
+    asked: list[float] = []  # when the stop was asked for
 
     def stop_once_building() -> None:
         while not progress.phases:  # the child is up and timing layers
@@ -177,17 +178,17 @@ def test_a_stop_terminates_the_child_within_2_s(tiny_pipe: Any, tmp_path: Path) 
         import multiprocessing
 
         children.extend(p.pid for p in multiprocessing.active_children() if p.pid is not None)
+        asked.append(time.monotonic())
         cancel.set()
 
     threading.Thread(target=stop_once_building, daemon=True).start()
     with pytest.raises(BuildCancelled, match="the vae_decoder engine build was stopped"):
         _build(backend, onnx_path, spec, progress)
-    stopped = time.monotonic()
+    assert time.monotonic() - asked[0] < 2.0  # the child terminated and reaped: generous, ~0.1 s here
     assert progress.cancelled
     assert len(children) == 1
     with pytest.raises(ProcessLookupError):  # reaped: not even a zombie is left
         os.kill(children[0], 0)
-    assert time.monotonic() - stopped < 2.0
 
     # Through prepare_engines, a stop propagates and records nothing: the next start builds again.
     cancel.clear()
