@@ -69,7 +69,11 @@ def _tensorrt() -> dict[str, Any]:
     except Exception as exc:  # a broken TensorRT install raises anything from its loader
         return {"installed": False, "note": f"present but fails to import: {type(exc).__name__}: {exc}"}
     info: dict[str, Any] = {"installed": True, "version": str(getattr(trt, "__version__", "unknown"))}
-    cuda = tensorrt_cuda_major(d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    try:
+        cuda = tensorrt_cuda_major(d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    except ValueError as exc:
+        info["conflict"] = f"{exc}; uninstall the ones that do not match torch's CUDA"
+        return info
     if cuda is not None:
         info["cuda_major"] = cuda
     return info
@@ -78,11 +82,16 @@ def _tensorrt() -> dict[str, Any]:
 def tensorrt_cuda_major(distributions: Iterable[str]) -> int | None:
     """The CUDA major version the installed TensorRT wheels are built for, from their names
     (tensorrt-cu12, tensorrt_cu13_libs, ...); None when no such wheel is among them."""
+    majors = set()
     for name in distributions:
         found = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?", name.lower())
         if found:
-            return int(found.group(1))
-    return None
+            majors.add(int(found.group(1)))
+    if len(majors) > 1:  # wheels for two CUDAs side by side: which one loads is not ours to know
+        raise ValueError(
+            f"TensorRT wheels for CUDA {' and '.join(map(str, sorted(majors)))} are both installed"
+        )
+    return majors.pop() if majors else None
 
 
 def _transports() -> list[dict[str, Any]]:
@@ -173,6 +182,8 @@ def acceleration_notes(
             )
         elif not torch_info["cuda"]:
             notes.append("tensorrt: torch sees no CUDA device; frames will run on the exact torch path")
+        elif "conflict" in trt_info:
+            notes.append(f"tensorrt: {trt_info['conflict']}")
         elif "cuda_major" in trt_info and torch_info.get("cuda_version"):
             torch_major = int(str(torch_info["cuda_version"]).split(".")[0])
             if torch_major != trt_info["cuda_major"]:
@@ -187,7 +198,9 @@ def acceleration_notes(
 
         root = Path(e.cache_dir).expanduser() / ENGINE_CACHE
         for folder, reason, retried in EngineCache(root).recorded_failures():
-            until = "the next start builds it again" if retried else f"until {root / folder} is deleted"
+            until = (
+                "for now; the next start builds it again" if retried else f"until {root / folder} is deleted"
+            )
             notes.append(
                 f"tensorrt: an earlier build failed ({folder}: {reason}); that component runs on the exact "
                 f"torch path {until}"

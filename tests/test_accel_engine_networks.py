@@ -200,6 +200,12 @@ def test_doctor_compares_tensorrt_s_cuda_with_torch_s(tmp_path: Path) -> None:
     assert tensorrt_cuda_major(["tensorrt-cu12"]) == 12
     assert tensorrt_cuda_major(["tensorrt_cu12_bindings"]) == 12
     assert tensorrt_cuda_major(["tensorrt", "tensorrt_cu12_libsx", "pytensorrt-cu12"]) is None
+    with pytest.raises(ValueError, match="TensorRT wheels for CUDA 12 and 13 are both installed"):
+        tensorrt_cuda_major(["tensorrt_cu13_libs", "tensorrt_cu12_libs"])
+    conflict = {"installed": True, "version": "11.4", "conflict": "TensorRT wheels for CUDA 12 and 13 ..."}
+    config = load_config(None, ["engine.acceleration=tensorrt", f"engine.cache_dir={tmp_path}"])
+    notes = check_config(config, {"cuda": True, "cuda_version": "12.8"}, _rows(), trt_info=conflict)
+    assert notes["acceleration_notes"] == ["tensorrt: TensorRT wheels for CUDA 12 and 13 ..."]
     config = load_config(None, ["engine.acceleration=tensorrt", f"engine.cache_dir={tmp_path}"])
     torch12 = {"cuda": True, "cuda_version": "12.8"}
     trt13 = {"installed": True, "version": "11.4.0.106", "cuda_major": 13}
@@ -245,7 +251,7 @@ def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
     assert verdict["acceleration_notes"][1] == (
         "tensorrt: an earlier build failed (vae_decoder-4567cdef: BuildFailed: Error Code 2: OutOfMemory "
         "(temporary: retried at the next start, attempt 1 of 3)); that component runs on the exact torch "
-        "path the next start builds it again"
+        "path for now; the next start builds it again"
     )
     missing = check_config(
         config, {"cuda": True}, _rows(), trt_info={"installed": False, "note": "not installed"}

@@ -209,6 +209,7 @@ class Bridge:
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set. Raises (after cleaning up) when the bridge cannot start.
         A stop while the model loads ends the start at once (see `_load`)."""
+        self._load_cancel.clear()  # a stop of an earlier run does not cancel this one's load
         try:
             self._set_status(state="loading")
             self.check_media()

@@ -14,80 +14,136 @@ build in a spawned child, and `load` (fast, needed here for the frames) stays in
   to its own `BuildProgress` (the bars and log lines appear here, as before).
 - A stop request (`progress.cancel`) terminates the child (SIGTERM, then SIGKILL after
   `TERMINATE_GRACE_S`) and raises `BuildCancelled`: nothing is recorded.
-- A child that dies without a result raises `BuildFailed` naming how it ended (the signal, or
-  the exit code), which `prepare_engines` records like any other failed build.
-- The plan travels through a file beside the cache's (`<folder>/engine.plan.part`), not the pipe:
-  a full-size UNet's plan is gigabytes.
+- A child that dies without a result raises `BuildProcessDied` naming how it ended (the signal,
+  or the exit code), which `prepare_engines` records like any other failed build: a crash in
+  native code (SIGSEGV, SIGABRT, ...) for good, an end from outside (SIGKILL from the
+  out-of-memory killer, SIGTERM or SIGINT to the process group, an exit before it could report)
+  as temporary. A failure the child reports keeps its kind (`is_transient`).
+- The child watches its parent: if the bridge dies, the build ends too, rather than holding the
+  GPU for minutes and racing the next start's build.
+- The child's log records come over the pipe into this process's logging.
+- The plan travels through a file of its own beside the ONNX (`engine.*.plan.part`), not the
+  pipe: a full-size UNet's plan is gigabytes.
+- spawn would import the parent's `__main__` again in the child; a user's script without a
+  main guard would then run a second time there. The child needs nothing from it, so it is
+  started without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from bridge.engine.accel.engine_cache import BuilderSettings
 from bridge.engine.accel.onnx_export import ExportSpec
-from bridge.engine.accel.tensorrt import Backend, BuildCancelled, BuildFailed, BuildProgress, Runner
+from bridge.engine.accel.tensorrt import (
+    Backend,
+    BuildCancelled,
+    BuildFailed,
+    BuildProgress,
+    Runner,
+    is_transient,
+    shielded,
+)
 
 log = logging.getLogger(__name__)
 
+POLL_S = 0.1  # how often the parent looks at the pipe, the child and the stop request
+TERMINATE_GRACE_S = 0.5  # SIGTERM, then this long before SIGKILL (a stop ends within 2 s)
+# Deaths that are the builder's own crash in native code: the same build would crash again.
+CRASH_SIGNALS = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
+
 
 class BuildProcessDied(BuildFailed):
-    """The build's child process ended without a result. `transient` when it was killed by
-    SIGKILL, which is how the kernel's out-of-memory killer ends a process: worth a retry."""
-
-    def __init__(self, message: str, *, transient: bool) -> None:
-        super().__init__(message)
-        self.transient = transient
+    """The build's child process ended without a result: `transient` unless it crashed (see
+    CRASH_SIGNALS); killed from outside, it is worth a retry at the next start."""
 
 
-POLL_S = 0.1  # how often the parent looks at the pipe, the child and the stop request
-TERMINATE_GRACE_S = 1.0  # SIGTERM, then this long before SIGKILL (a stop ends within 2 s)
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
 
 
 def _ended(exitcode: int | None) -> str:
     """How a child process ended, in words."""
     if exitcode is None:
         return "did not end"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        why = " (the kernel's out-of-memory killer ends processes this way)" if name == "SIGKILL" else ""
-        return f"was killed by {name}{why}"
-    return f"exited with code {exitcode}"
+    name = _signal_name(exitcode)
+    if name is None:
+        return f"exited with code {exitcode}"
+    why = " (the kernel's out-of-memory killer ends processes this way)" if name == "SIGKILL" else ""
+    return f"was killed by {name}{why}"
 
 
 class _ForwardingProgress(BuildProgress):
     """The child's `BuildProgress`: every callback goes over the pipe (TensorRT calls these from
-    its own threads, so sends are serialised). The parent never asks the child to cancel: it
-    terminates it."""
+    its own threads, so sends are serialised). A pipe that broke (the parent is gone) cancels
+    the build; otherwise the parent never asks the child to cancel: it terminates it."""
 
     def __init__(self, title: str, send: Callable[[tuple[Any, ...]], None]) -> None:
         super().__init__(title, bars=False)
         self._send = send
         self._sending = threading.Lock()
 
-    def _forward(self, message: tuple[Any, ...]) -> None:
+    def forward(self, message: tuple[Any, ...]) -> None:
         with self._sending:
-            self._send(message)
+            try:
+                self._send(message)
+            except (OSError, ValueError):  # broken pipe, or closed: nobody is waiting any more
+                self.cancel.set()
 
     def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-        self._forward(("phase_start", phase_name, parent_phase, num_steps))
+        self.forward(("phase_start", phase_name, parent_phase, num_steps))
 
     def step_complete(self, phase_name: str, step: int) -> bool:
-        self._forward(("step_complete", phase_name, step))
+        self.forward(("step_complete", phase_name, step))
+        if self.cancel.is_set():
+            self.cancelled = True
+            return False
         return True
 
     def phase_finish(self, phase_name: str) -> None:
-        self._forward(("phase_finish", phase_name))
+        self.forward(("phase_finish", phase_name))
+
+
+class _PipeLog(logging.Handler):
+    """The child's log records, sent to the parent's logging as (level, logger, message)."""
+
+    def __init__(self, progress: _ForwardingProgress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress.forward(("log", record.levelno, record.name, record.getMessage()))
+
+
+def _end_with_parent() -> None:
+    """In the child: exit as soon as the parent process is gone (its sentinel, on every OS)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _child_main(
@@ -100,26 +156,46 @@ def _child_main(
     plan_path: Path,
     device_index: int | None,
 ) -> None:
-    """The child: build, write the plan to `plan_path`, send ("done", timing) or ("failed", text)."""
+    """The child: build, write the plan to `plan_path`, send ("done", timing) or
+    ("failed", text, transient)."""
     # Ctrl+C reaches the whole process group; the parent decides, and terminates this child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent()
+    progress = _ForwardingProgress(spec.component.value, conn.send)
+    root = logging.getLogger()
+    root.addHandler(_PipeLog(progress))
+    root.setLevel(logging.INFO)
     try:
         if device_index is not None:
             import torch
 
             torch.cuda.set_device(device_index)  # the builder times its tactics on the engine's GPU
         backend = factory()
-        progress = _ForwardingProgress(spec.component.value, conn.send)
         plan, timing = backend.build(
             onnx_path, spec, settings=settings, timing_cache=timing_cache, progress=progress
         )
+        if progress.cancelled:
+            return  # the parent is gone; nobody reads a result
         plan_path.write_bytes(plan)
-        conn.send(("done", timing))
+        progress.forward(("done", timing))
     except BaseException as exc:  # every failure goes back as text; the parent raises BuildFailed
         kind = "" if isinstance(exc, BuildFailed) else f"{type(exc).__name__}: "
-        conn.send(("failed", f"{kind}{exc}"[:600]))
+        progress.forward(("failed", f"{kind}{exc}"[:600], is_transient(exc)))
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """spawn imports the parent's `__main__` again in the child (as `__mp_main__`): a script
+    without a main guard would run a second time there. Started while this is in effect, the
+    child imports only what its target needs."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 class ChildProcessBuilds:
@@ -131,6 +207,7 @@ class ChildProcessBuilds:
         self.device_index = device_index
         self.name = backend.name
         self.version = backend.version
+        self.pid: int | None = None  # the last build's child process
 
     def load(self, plan: bytes, spec: ExportSpec) -> Runner:
         return self.backend.load(plan, spec)
@@ -145,48 +222,51 @@ class ChildProcessBuilds:
         progress: BuildProgress,
     ) -> tuple[bytes, bytes]:
         title = spec.component.value
-        plan_path = Path(onnx_path).parent.parent / "engine.plan.part"
-        plan_path.unlink(missing_ok=True)
+        handle, part = tempfile.mkstemp(dir=Path(onnx_path).parent, prefix="engine.", suffix=".plan.part")
+        os.close(handle)
+        plan_path = Path(part)
         context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA
         parent_conn, child_conn = context.Pipe(duplex=False)
-        child = context.Process(
-            target=_child_main,
-            args=(
-                child_conn,
-                self.factory,
-                onnx_path,
-                spec,
-                settings,
-                timing_cache,
-                plan_path,
-                self.device_index,
-            ),
-            name=f"sdbridge-build-{title}",
-            daemon=True,  # ended by multiprocessing when the bridge exits mid-build
+        args = (
+            child_conn,
+            self.factory,
+            onnx_path,
+            spec,
+            settings,
+            timing_cache,
+            plan_path,
+            self.device_index,
         )
+        # daemon: multiprocessing ends it if the bridge exits mid-build
+        child = context.Process(target=_child_main, args=args, name=f"sdbridge-build-{title}", daemon=True)
         started = time.monotonic()
-        child.start()
-        child_conn.close()  # the child holds the only writing end: EOF once it is gone
-        log.info("building the %s engine in child process %d", title, child.pid)
         try:
-            outcome = self._follow(child, parent_conn, progress, title)
+            with _without_main():
+                child.start()
+            child_conn.close()  # the child holds the only writing end: EOF once it is gone
+            self.pid = child.pid
+            log.info("building the %s engine in child process %d", title, child.pid)
+            try:
+                outcome = self._follow(child, parent_conn, progress, title)
+            finally:
+                parent_conn.close()
+                if child.is_alive():
+                    _stop(child)
+            kind, *rest = outcome
+            if kind == "died":
+                name = _signal_name(child.exitcode)
+                raise BuildProcessDied(rest[0], transient=name not in CRASH_SIGNALS)
+            if kind == "failed":
+                raise BuildFailed(rest[0], transient=bool(rest[1]))  # the child's kind, kept
+            plan = plan_path.read_bytes()
         finally:
-            parent_conn.close()
-            if child.is_alive():
-                _stop(child)
-        if outcome[0] != "done":
             plan_path.unlink(missing_ok=True)
-            if outcome[0] == "died":
-                raise BuildProcessDied(outcome[1], transient=child.exitcode == -signal.SIGKILL)
-            raise BuildFailed(outcome[1])
-        plan = plan_path.read_bytes()
-        plan_path.unlink(missing_ok=True)
         log.info("the %s engine was built in %.0f s", title, time.monotonic() - started)
-        return plan, outcome[1]
+        return plan, rest[0]
 
-    def _follow(self, child: Any, conn: Any, progress: BuildProgress, title: str) -> tuple[str, Any]:
-        """Relay the child's progress until it sends its result: ("done", timing cache),
-        ("failed", why) or, when it ended without one, ("died", how)."""
+    def _follow(self, child: Any, conn: Any, progress: BuildProgress, title: str) -> tuple[Any, ...]:
+        """Relay the child's progress and log until it sends its result: ("done", timing cache),
+        ("failed", why, transient) or, when it ended without one, ("died", how)."""
         while True:
             if progress.cancel.is_set():
                 _stop(child)
@@ -203,13 +283,16 @@ class ChildProcessBuilds:
             kind, *args = message
             if kind in ("done", "failed"):
                 child.join(5.0)
-                return kind, args[0]
-            if kind == "phase_start":
-                progress.phase_start(*args)
+                return tuple(message)
+            if kind == "log":
+                level, name, text = args
+                logging.getLogger(name).log(level, "[build process] %s", text)
+            elif kind == "phase_start":
+                shielded(progress, functools.partial(progress.phase_start, *args), None)
             elif kind == "step_complete":
-                progress.step_complete(*args)
+                shielded(progress, functools.partial(progress.step_complete, *args), True)
             elif kind == "phase_finish":
-                progress.phase_finish(*args)
+                shielded(progress, functools.partial(progress.phase_finish, *args), None)
         child.join(5.0)
         return (
             "died",
@@ -219,7 +302,7 @@ class ChildProcessBuilds:
 
 
 def _stop(child: Any) -> None:
-    """SIGTERM, then SIGKILL: a stopped build ends within TERMINATE_GRACE_S plus a little."""
+    """SIGTERM, then SIGKILL: a stopped build ends within about 2 x TERMINATE_GRACE_S."""
     child.terminate()
     child.join(TERMINATE_GRACE_S)
     if child.is_alive():

@@ -67,7 +67,12 @@ TENSOR_ALIGNMENT = 256  # bytes: setTensorAddress refuses a less aligned pointer
 
 
 class BuildFailed(RuntimeError):
-    """The engine could not be built (recorded in the negative cache)."""
+    """The engine could not be built (recorded in the negative cache). `transient` says whether
+    it is worth a retry when the raiser knows (see `is_transient`); None: judge by the message."""
+
+    def __init__(self, message: str, *, transient: bool | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class BuildCancelled(RuntimeError):
@@ -114,6 +119,7 @@ class BuildProgress:
         self.title = title
         self.cancel = cancel if cancel is not None else threading.Event()
         self.cancelled = False  # whether a step was refused
+        self.display_failed = False  # a callback's display raised (logged once, see `shielded`)
         self.phases: list[tuple[str, int]] = []  # (phase, steps) in start order, for tests and logs
         self._bars: dict[str, Any] = {}
         self._use_bars = bars
@@ -149,38 +155,44 @@ class BuildProgress:
                 bar.close()
 
 
-def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
-    """A `trt.IProgressMonitor` forwarding to `progress`. A KeyboardInterrupt raised inside a
-    callback cancels the build (the binding would print it and return False anyway). Any other
-    error of the progress display (a terminal gone, say) is logged and ignored: it must neither
-    cancel a build of many minutes nor be recorded as that build's failure."""
-
-    def guarded(call: Callable[[], Any], default: Any) -> Any:
-        try:
-            return call()
-        except KeyboardInterrupt:
-            progress.cancel.set()
-            progress.cancelled = True
-            return False
-        except Exception as exc:
+def shielded(progress: BuildProgress, call: Callable[[], Any], default: Any) -> Any:
+    """One progress callback. A KeyboardInterrupt inside it cancels the build. Any other error
+    of the progress display (a terminal gone, say) is logged once per build and ignored: it must
+    neither cancel a build of many minutes nor be recorded as that build's failure."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        progress.cancel.set()
+        progress.cancelled = True
+        return False
+    except Exception as exc:
+        if not progress.display_failed:
+            progress.display_failed = True
             log.warning(
-                "%s: the build's progress display failed (%s: %s)", progress.title, type(exc).__name__, exc
+                "%s: the build's progress display failed (%s: %s); the build goes on",
+                progress.title,
+                type(exc).__name__,
+                exc,
             )
-            return default
+        return default
+
+
+def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
+    """A `trt.IProgressMonitor` forwarding to `progress`, each callback `shielded`."""
 
     class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            guarded(lambda: progress.phase_start(phase_name, parent_phase, num_steps), None)
+            shielded(progress, lambda: progress.phase_start(phase_name, parent_phase, num_steps), None)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            go = guarded(lambda: progress.step_complete(phase_name, step), True)
+            go = shielded(progress, lambda: progress.step_complete(phase_name, step), True)
             return bool(go) and not progress.cancel.is_set()
 
         def phase_finish(self, phase_name: str) -> None:
-            guarded(lambda: progress.phase_finish(phase_name), None)
+            shielded(progress, lambda: progress.phase_finish(phase_name), None)
 
     return Monitor()
 
