@@ -35,7 +35,7 @@ import torch
 from bridge.acceleration import COMPILE_MODES
 from bridge.bench.config import T_INDEX_PRESETS, TARGETS, TINY_BENCH_SIZE, BenchConfig
 from bridge.bench.contenders import DIFFUSERS_IO, FLOOR_INCLUDES
-from bridge.bench.rows import REFERENCE, Row, measure
+from bridge.bench.rows import REFERENCE, Row, contender_name, measure
 from bridge.bench.table import format_table
 from bridge.engine import StreamEngine
 from bridge.engine.accel import ACCELERATIONS, Acceleration
@@ -66,7 +66,7 @@ def accelerations_of(asked: Any) -> list[str]:
 
 
 def _row_line(row: Row) -> str:
-    name = row.acceleration + (f" [{row.compile_mode}]" if row.compile_mode else "")
+    name = contender_name(row.acceleration, row.compile_mode)
     if not row.available:
         return f"  {row.steps} step(s) {row.cfg_type} {name}: not available ({row.reason})"
     agree = "identical" if row.identical_to_none else f"{row.psnr_db_vs_none} dB vs none"

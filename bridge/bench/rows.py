@@ -50,6 +50,11 @@ class Variant:
     label: str  # its name in the loop: the acceleration, then the mode when several are measured
 
 
+def contender_name(acceleration: str, compile_mode: str | None) -> str:
+    """How a row's engine is named in tables and progress lines: the mode after a compile."""
+    return acceleration + (f" [{compile_mode}]" if compile_mode else "")
+
+
 def variants(accelerations: Sequence[str], compile_modes: Sequence[str]) -> list[Variant]:
     """Every acceleration once, each one with `compile` once per compile mode."""
     out = []
@@ -58,7 +63,7 @@ def variants(accelerations: Sequence[str], compile_modes: Sequence[str]) -> list
             out.append(Variant(acc, None, acc))
             continue
         for mode in compile_modes:
-            label = acc if len(compile_modes) == 1 else f"{acc} [{mode}]"
+            label = acc if len(compile_modes) == 1 else contender_name(acc, mode)
             out.append(Variant(acc, mode, label))
     return out
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.bench.rows import contender_name
+
 _COLUMNS = (
     ("steps", "steps"),
     ("cfg_type", "cfg"),
@@ -45,7 +47,7 @@ def _engine_lines(report: dict[str, Any]) -> list[str]:
     ]
     notes: dict[str, None] = {}  # each reason once, in order
     for row in report["engine"]:
-        name = row["acceleration"] + (f" [{row['compile_mode']}]" if row["compile_mode"] else "")
+        name = contender_name(row["acceleration"], row["compile_mode"])
         where = f"{row['steps']} step(s) {row['cfg_type']}, {name}"
         if not row["available"]:
             notes[f"{name}: not available ({row['reason']})"] = None

@@ -137,6 +137,40 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class FailureRecord:
+    """What `failed.json` says: the reason, whether the failure was temporary, and how many
+    temporary failures came in a row."""
+
+    reason: str
+    transient: bool = False
+    attempts: int = 1
+
+    @classmethod
+    def read(cls, path: Path) -> FailureRecord | None:
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                str(record["reason"]), bool(record.get("transient", False)), int(record.get("attempts", 1))
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(f"unreadable failure record {str(path)!r}")
+
+    @property
+    def retried(self) -> bool:
+        """Whether the next start builds this key again."""
+        return self.transient and self.attempts < TRANSIENT_ATTEMPTS
+
+    def describe(self) -> str:
+        if not self.transient:
+            return self.reason
+        if not self.retried:
+            return f"{self.reason} ({self.attempts} attempts in a row; not retried again)"
+        return f"{self.reason} (temporary: retried at the next start, attempt {self.attempts} of {TRANSIENT_ATTEMPTS})"
+
+
 class EngineCache:
     """Plans, negative entries and timing caches under `root` (`<model cache>/engines`)."""
 
@@ -172,52 +206,28 @@ class EngineCache:
     def drop_plan(self, key: EngineKey) -> None:
         self.plan_path(key).unlink(missing_ok=True)
 
-    def _failure_record(self, path: Path) -> dict[str, Any] | None:
-        if not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            return {
-                "reason": str(record["reason"]),
-                "transient": bool(record.get("transient", False)),
-                "attempts": int(record.get("attempts", 1)),
-            }
-        except (OSError, ValueError, KeyError, TypeError):
-            return {"reason": f"unreadable failure record {str(path)!r}", "transient": False, "attempts": 1}
-
-    @staticmethod
-    def _describe(record: dict[str, Any]) -> str:
-        if not record["transient"]:
-            return str(record["reason"])
-        if record["attempts"] >= TRANSIENT_ATTEMPTS:
-            return f"{record['reason']} ({record['attempts']} attempts in a row; not retried again)"
-        return f"{record['reason']} (temporary: retried at the next start, attempt {record['attempts']} of {TRANSIENT_ATTEMPTS})"
-
     def failure(self, key: EngineKey) -> str | None:
         """Why this key must not be built again, or None. A temporary failure (out of memory, a
         killed build process) stops the retries only after TRANSIENT_ATTEMPTS in a row."""
-        record = self._failure_record(self.failure_path(key))
-        if record is None or (record["transient"] and record["attempts"] < TRANSIENT_ATTEMPTS):
-            return None
-        return self._describe(record)
+        record = FailureRecord.read(self.failure_path(key))
+        return None if record is None or record.retried else record.describe()
 
     def recorded_failures(self) -> list[tuple[str, str, bool]]:
         """(folder name, reason, retried) of every failed build or load recorded here (for
         `doctor`); `retried`: a temporary failure the next start builds again."""
         found = []
         for path in sorted(self.root.glob("*/failed.json")) if self.root.is_dir() else []:
-            record = self._failure_record(path)
+            record = FailureRecord.read(path)
             if record is not None:
-                retried = record["transient"] and record["attempts"] < TRANSIENT_ATTEMPTS
-                found.append((path.parent.name, self._describe(record), retried))
+                found.append((path.parent.name, record.describe(), record.retried))
         return found
 
     def record_failure(self, key: EngineKey, reason: str, *, transient: bool = False) -> None:
         """Record a failed build or load. A temporary one counts its attempts in a row."""
         attempts = 1
-        earlier = self._failure_record(self.failure_path(key))
-        if transient and earlier is not None and earlier["transient"]:
-            attempts = earlier["attempts"] + 1
+        earlier = FailureRecord.read(self.failure_path(key))
+        if transient and earlier is not None and earlier.transient:
+            attempts = earlier.attempts + 1
         record = {
             "reason": reason,
             "transient": transient,

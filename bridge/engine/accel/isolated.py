@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the parent looks at the pipe, the child and the stop request
 TERMINATE_GRACE_S = 0.5  # SIGTERM, then this long before SIGKILL (a stop ends within 2 s)
+# The progress callbacks the child relays, with what each returns when the display fails.
+_RELAYED: dict[str, Any] = {"phase_start": None, "step_complete": True, "phase_finish": None}
 # Deaths that are the builder's own crash in native code: the same build would crash again.
 CRASH_SIGNALS = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
 
@@ -287,12 +289,8 @@ class ChildProcessBuilds:
             if kind == "log":
                 level, name, text = args
                 logging.getLogger(name).log(level, "[build process] %s", text)
-            elif kind == "phase_start":
-                shielded(progress, functools.partial(progress.phase_start, *args), None)
-            elif kind == "step_complete":
-                shielded(progress, functools.partial(progress.step_complete, *args), True)
-            elif kind == "phase_finish":
-                shielded(progress, functools.partial(progress.phase_finish, *args), None)
+            elif kind in _RELAYED:
+                shielded(progress, functools.partial(getattr(progress, kind), *args), _RELAYED[kind])
         child.join(5.0)
         return (
             "died",
