@@ -81,15 +81,21 @@ def test_latency_comes_from_engine_frames_only(tiny_pipe: Any, switch: str) -> N
         wait_for(lambda: bridge.status().latency_age_s < 0.5)
 
 
+def _dropped_counts(status: Any) -> dict[str, int]:
+    if not status.dropped_at:
+        return {}
+    return {label: int(n) for label, n in (part.rsplit(" ", 1) for part in status.dropped_at.split(", "))}
+
+
 def test_dropped_says_which_slot_dropped(tiny_pipe: Any) -> None:
     good, blocking = RecordingSink(), RecordingSink(block_s=2.0)
     with running(tiny_pipe, CONFIG, [("good", good), ("blocking", blocking)], GatedSource()) as (bridge, _):
         wait_for(lambda: bridge.status_dict()["outputs"]["blocking"]["dropped"] >= 5)
-        wait_for(lambda: "blocking " in bridge.status().dropped_at)
+        # The status is a snapshot refreshed by the loop, behind the sinks' live counters: wait
+        # for a snapshot that has seen the drops, then read everything from that one snapshot.
+        wait_for(lambda: _dropped_counts(bridge.status()).get("blocking", 0) >= 5)
         status = bridge.status()  # one snapshot: the slots and the total agree
-        counts = {
-            label: int(n) for label, n in (part.rsplit(" ", 1) for part in status.dropped_at.split(", "))
-        }
+        counts = _dropped_counts(status)
         assert counts["blocking"] >= 5 and set(counts) <= {"input", "good", "blocking"}
         assert sum(counts.values()) == status.dropped
 
