@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.acceleration import COMPILE_MODES, DEFAULT_COMPILE_MODE, Acceleration
+from bridge.config import DEFAULT_CACHE_DIR
 
-DEFAULT_CACHE = Path.home() / ".cache" / "sdbridge"
+DEFAULT_CACHE = Path(DEFAULT_CACHE_DIR).expanduser()
 
 
 def _bench(args: argparse.Namespace) -> int:

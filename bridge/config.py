@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# The model cache (models, compile caches, TensorRT engines), as a config value. The engine, which
+# imports no other part, has its own: bridge.engine.loading.DEFAULT_CACHE_DIR (a test keeps them equal).
+DEFAULT_CACHE_DIR = "~/.cache/sdbridge"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What needs a reload to change (the config-only rows of the parameter table)."""
@@ -45,7 +50,7 @@ class EngineConfig:
     use_denoising_batch: bool = True
     tiny_vae: str = ""  # "taesd", "taesdxl", a hub id or a folder: swap in a tiny VAE; "" = none
     lcm_lora: str = ""  # hub id or local path of an LCM-LoRA to fuse; "" for none
-    cache_dir: str = "~/.cache/sdbridge"
+    cache_dir: str = DEFAULT_CACHE_DIR
     offline: bool = False  # never touch the network (hub ids must already be cached)
     similarity_seed: int | None = None  # fixes the similarity filter's dice (tests)
 

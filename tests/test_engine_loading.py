@@ -209,3 +209,19 @@ def test_lcm_lora_is_fused(tmp_path: Path, model_cache: Path, tiny_pipe: Any) ->
     fused_weight = dict(fused.unet.named_parameters())[name]
     assert not torch.allclose(base_weight, fused_weight)
     assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # adapters unloaded, weights kept
+
+
+def test_every_part_defaults_to_the_same_model_cache() -> None:
+    """The engine imports no other part, so the default model cache is spelled twice: once in the
+    engine, once as the config value. The CLI, the benchmark and the config must all land on the
+    engine's folder, or a second start would rebuild what the first one cached."""
+    from bridge import config
+    from bridge.bench import BenchConfig
+    from bridge.cli import build_parser
+    from bridge.engine import loading
+
+    expected = Path.home() / ".cache" / "sdbridge"
+    assert expected == loading.DEFAULT_CACHE_DIR
+    assert Path(config.EngineConfig().cache_dir).expanduser() == expected
+    assert BenchConfig().cache_dir == expected
+    assert build_parser().parse_args(["bench"]).cache_dir == expected

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bridge.config import DEFAULT_CACHE_DIR
+
 # The tiny model is benchmarked at 128 px: there its UNet is ~77% of a frame's forward work, as a
 # real sd-turbo frame's is at 512 px (804 of 1,068 GFLOP). At its native 256 px the unbatchable
 # VAE is ~45% instead. `--size` measures any other size.
@@ -38,7 +40,7 @@ class BenchConfig:
     cfg_types: Sequence[str] = ("none", "self")
     repeats: int = 31
     warmup: int = 3
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sdbridge")
+    cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
     live: bool = True  # also measure the live bridge: shm round trip, OSC to applied, overhead
     live_sizes: Sequence[int] = (512, 1024)  # shm and sink frame sizes, pixels; overhead at the first
     # engine.acceleration spellings (bridge.engine.accel.ACCELERATIONS), each an engine contender

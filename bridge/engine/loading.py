@@ -52,6 +52,10 @@ _SD_PIPELINES = {
     "LatentConsistencyModelPipeline",
     "StableDiffusionControlNetPipeline",
 }
+# The model cache: models, compile caches and TensorRT engines live under it (bridge.config has the
+# same default as a config value).
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "sdbridge"
+
 _SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
 _SUPPORTED = (
     "StableDiffusionPipeline (SD 1.5, SD 2.1, sd-turbo) or StableDiffusionXLPipeline (SDXL, sdxl-turbo)"

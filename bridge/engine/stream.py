@@ -41,6 +41,7 @@ from bridge.engine.guidance import (
     scalar,
     scale_,
 )
+from bridge.engine.loading import DEFAULT_CACHE_DIR
 from bridge.engine.prompts import PromptCache, PromptSpec
 from bridge.engine.similarity import SimilarityFilter
 from bridge.engine.staging import HostToDevice, InputStaging, OutputRing
@@ -183,7 +184,7 @@ class StreamEngine:
                 cfg_type=self.cfg_type.value,
                 step_counts=(len(self._t_index_list),),
                 frame_buffer_size=frame_buffer_size,
-                cache_dir=cache_dir if cache_dir is not None else Path.home() / ".cache" / "sdbridge",
+                cache_dir=cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR,
             )
         self.nets = networks if networks is not None else Networks(pipe)
         if self.acceleration.channels_last:
