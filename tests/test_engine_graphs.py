@@ -118,7 +118,7 @@ def test_the_kl_sample_drawn_before_the_frame_is_diffusers_own(tiny_sd21_pipe: A
     pixels = pattern(1, SIZE) * 2 - 1
     state = engine._generator.get_state()
     want = tiny_sd21_pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().set_state(state))
-    staging = engine._stage(pattern(1, SIZE))
+    staging = engine._inputs.stage(pattern(1, SIZE))
     staging.normalise()
     engine._draw_noise(staging)
     got = engine._encode(staging.pixels)

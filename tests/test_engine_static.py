@@ -93,7 +93,7 @@ def tensors(engine: StreamEngine) -> dict[str, Tensor]:
     for i, slot in enumerate(engine._ring.slots):
         found[f"ring[{i}]"] = slot
     found["ring.device"] = engine._ring.device_rgba
-    for key, staging in engine._staging.items():
+    for key, staging in engine._inputs.by_kind.items():
         found[f"staging{key}.pix32"], found[f"staging{key}.pixels"] = staging.pix32, staging.pixels
     if engine.similarity._reference is not None:
         found["similarity.reference"] = engine.similarity._reference

@@ -121,3 +121,65 @@ class OutputRing:
 
     def current(self) -> np.ndarray:
         return self.arrays[self.index]
+
+
+class InputStages:
+    """One `InputStaging` per input kind a stream has seen, made on first use: `stage` checks a
+    caller's frame and loads it as fp32 pixels in [0, 1] at model size."""
+
+    def __init__(self, *, f: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.f, self.height, self.width = f, height, width
+        self.device, self.dtype = device, dtype
+        self.by_kind: dict[tuple[str, int], InputStaging] = {}
+
+    def stage(self, image: Tensor | np.ndarray) -> InputStaging:
+        """Check `image` ((f, 3, H, W) float in [0, 1], or uint8 (H, W, 3|4) / (f, H, W, 3|4))
+        and load it into its kind's buffers. A frame of another size is resized (bilinear) on
+        the way: that is not the static path."""
+        f = self.f
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] not in (3, 4):
+                raise ValueError(
+                    f"image array must be uint8 (H, W, 3|4) or (f, H, W, 3|4), got {image.dtype} {image.shape}"
+                )
+            batch = image[None] if image.ndim == 3 else image
+            count, size, kind, channels = batch.shape[0], batch.shape[1:3], "uint8", batch.shape[-1]
+        elif isinstance(image, Tensor):
+            if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+                raise ValueError(
+                    f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
+                )
+            count, size, kind, channels = image.shape[0], tuple(image.shape[-2:]), "float", 3
+        else:
+            raise TypeError(
+                f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}"
+            )
+        if count != f:
+            raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {count}")
+        staging = self.by_kind.get((kind, channels))
+        if staging is None:
+            staging = InputStaging(
+                kind,
+                f=f,
+                height=self.height,
+                width=self.width,
+                channels=channels,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            self.by_kind[(kind, channels)] = staging
+        if tuple(size) != (self.height, self.width):  # not the static path: resize, then stage
+            if isinstance(image, np.ndarray):
+                pixels = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
+                pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
+            else:
+                pixels = image.to(device=self.device, dtype=torch.float32)
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(self.height, self.width), mode="bilinear", align_corners=False
+            )
+            staging.pix32.copy_(pixels)
+        elif isinstance(image, np.ndarray):
+            staging.load_bytes(batch)
+        else:
+            staging.pix32.copy_(image)
+        return staging

@@ -13,9 +13,7 @@ the documented ones: the similarity score (one scalar) and the final copy for `o
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,14 @@ from torch import Tensor
 
 from bridge.engine.accel import Acceleration, Networks
 from bridge.engine.accel.graphs import CudaGraphBackend, FrameGraphs, GraphBackend, cuda_graph_unavailable
+from bridge.engine.checks import (
+    SeedSpec,
+    check_delta,
+    check_frame_buffer_size,
+    check_guidance,
+    check_seed,
+    validate_t_index_list,
+)
 from bridge.engine.guidance import (
     CfgType,
     StepCoefs,
@@ -42,17 +48,14 @@ from bridge.engine.guidance import (
     scale_,
 )
 from bridge.engine.loading import DEFAULT_CACHE_DIR
+from bridge.engine.noise import SeedNoise
 from bridge.engine.prompts import PromptCache, PromptSpec
 from bridge.engine.similarity import SimilarityFilter
-from bridge.engine.staging import HostToDevice, InputStaging, OutputRing
+from bridge.engine.staging import HostToDevice, InputStages, InputStaging, OutputRing
 
 log = logging.getLogger(__name__)
 
 OutputType = Literal["pt", "uint8", "latent"]
-SeedSpec = int | Sequence[tuple[int, float]]
-"""A seed, or a blend [(seed, weight), ...] of the seeds' noises (variance preserved)."""
-
-MAX_STEPS = 10
 TXT2IMG = "txt2img"  # the source kind of a frame without an input image
 LayoutKey = tuple[Hashable, int, bool]
 """(input kind, step count, guided): what fixes a frame's kernels and buffer addresses."""
@@ -78,23 +81,6 @@ class _UNetInputs:
     timesteps: Tensor  # (rows,)
     embeds: Tensor  # (rows, L, D)
     added: dict[str, Tensor] | None  # SDXL: text_embeds (rows, P), time_ids (rows, 6)
-
-
-def _validate_t_index_list(t_index_list: Sequence[int], num_inference_steps: int | None) -> list[int]:
-    values = list(t_index_list)
-    if not 1 <= len(values) <= MAX_STEPS:
-        raise ValueError(f"t_index_list must hold 1 to {MAX_STEPS} entries, got {len(values)}: {values}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise ValueError(f"t_index_list entries must be ints, got {v!r} in {values}")
-    if any(b <= a for a, b in itertools.pairwise(values)):
-        raise ValueError(f"t_index_list must be strictly ascending, got {values}")
-    if num_inference_steps is not None and not all(0 <= v < num_inference_steps for v in values):
-        raise ValueError(
-            f"t_index_list entries must be within [0, {num_inference_steps - 1}] "
-            f"(num_inference_steps={num_inference_steps}), got {values}"
-        )
-    return [int(v) for v in values]
 
 
 class StreamEngine:
@@ -132,12 +118,7 @@ class StreamEngine:
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
         if width % 8 or height % 8 or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
-        if (
-            isinstance(frame_buffer_size, bool)
-            or not isinstance(frame_buffer_size, int)
-            or frame_buffer_size < 1
-        ):
-            raise ValueError(f"frame_buffer_size must be an int >= 1, got {frame_buffer_size!r}")
+        check_frame_buffer_size(frame_buffer_size)
         prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
         if prediction != "epsilon":
             raise ValueError(
@@ -166,7 +147,7 @@ class StreamEngine:
         self.do_add_noise = do_add_noise
         self.device: torch.device = pipe.unet.device
         self.dtype: torch.dtype = dtype if dtype is not None else pipe.unet.dtype
-        self._t_index_list = _validate_t_index_list(t_index_list, None)
+        self._t_index_list = validate_t_index_list(t_index_list, None)
         self._latent_shape = (4, height // 8, width // 8)
         self._vae_scale = float(pipe.vae.config.scaling_factor)
         if networks is None and self.acceleration.compile:
@@ -213,7 +194,8 @@ class StreamEngine:
         self._txt2img_noise = HostToDevice((f, *self._latent_shape), torch.float32, self.device)
         self._vae_noise = HostToDevice((f, *self._latent_shape), pipe.vae.dtype, self.device)
         self._ring = OutputRing(depth=output_ring_depth, f=f, height=h, width=w, device=self.device)
-        self._staging: dict[tuple[str, int], InputStaging] = {}
+        self._inputs = InputStages(f=f, height=h, width=w, device=self.device, dtype=self.dtype)
+        self._seed_noise = SeedNoise()
         # Which processed frame (a count) the image, the device uint8 frame and the newest ring
         # slot hold.
         self._version = self._image_version = self._rgba_version = self._ring_version = 0
@@ -275,16 +257,15 @@ class StreamEngine:
             raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        self._t_index_list = _validate_t_index_list(self._t_index_list, num_inference_steps)
+        self._t_index_list = validate_t_index_list(self._t_index_list, num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps)
         self._all_timesteps = [int(t) for t in self.scheduler.timesteps]
         self._num_inference_steps = num_inference_steps
-        self.guidance_scale = self._check_guidance(guidance_scale)
-        self.delta = self._check_delta(delta)
+        self.guidance_scale = check_guidance(guidance_scale)
+        self.delta = check_delta(delta)
         self._g.fill_(self.guidance_scale)
         self._delta.fill_(self.delta)
-        self._noise_cache: dict[int, Tensor] = {}
-        self._seed_spec = self._check_seed(seed)
+        self._seed_spec = check_seed(seed)
         self._cond = self._prompts.blend(prompt)
         self._uncond = self._prompts.blend(negative_prompt, what="negative_prompt")
         self._prompt, self._negative_prompt = prompt, negative_prompt
@@ -341,15 +322,7 @@ class StreamEngine:
         """init_noise (n*f, 4, H/8, W/8) from the seed spec; the CPU generator continues for
         VAE sampling and txt2img latents, as in the original."""
         shape = (self.num_steps * self.frame_buffer_size, *self._latent_shape)
-        seeds = self._seed_spec
-        gen = torch.Generator().manual_seed(seeds[0][0])
-        first = torch.randn(shape, generator=gen)
-        if len(seeds) == 1:
-            noise = first
-        else:
-            parts = [first] + [self._seed_noise(s, shape) for s, _ in seeds[1:]]
-            total = math.sqrt(sum(w * w for _, w in seeds))
-            noise = sum((p * (w / total) for p, (_, w) in zip(parts, seeds, strict=True)), torch.zeros(shape))
+        noise, gen = self._seed_noise.draw(self._seed_spec, shape)
         self._generator = gen
         current = getattr(self, "_init_noise", None)
         if current is None or tuple(current.shape) != shape:
@@ -360,15 +333,6 @@ class StreamEngine:
         f = self.frame_buffer_size
         self._next_noise[:-f].copy_(self._init_noise[f:])
         self._next_noise[-f:].copy_(self._init_noise[:f])
-
-    def _seed_noise(self, seed: int, shape: tuple[int, ...]) -> Tensor:
-        cached = self._noise_cache.get(seed)
-        if cached is None or tuple(cached.shape) != shape:
-            cached = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-            if len(self._noise_cache) >= 16:
-                self._noise_cache.clear()
-            self._noise_cache[seed] = cached
-        return cached
 
     def _set_coefs(self) -> None:
         """Per-row alpha, beta, c_skip, c_out for the current t_index values."""
@@ -475,26 +439,26 @@ class StreamEngine:
     def set_seed(self, seed: SeedSpec) -> None:
         """A new seed, or a blend [(seed, weight), ...]; regenerates the fixed noise only."""
         self._require_prepared()
-        self._seed_spec = self._check_seed(seed)
+        self._seed_spec = check_seed(seed)
         self._make_noise()
 
     def set_guidance_scale(self, guidance_scale: float) -> None:
         """New guidance; crossing 1.0 adds or drops the negative rows of `full`/`initialize`."""
         self._require_prepared()
-        self.guidance_scale = self._check_guidance(guidance_scale)
+        self.guidance_scale = check_guidance(guidance_scale)
         self._g.fill_(self.guidance_scale)
         self._refresh_unet_inputs()
 
     def set_delta(self, delta: float) -> None:
         """New residual-CFG delta (the weight of the virtual negative)."""
         self._require_prepared()
-        self.delta = self._check_delta(delta)
+        self.delta = check_delta(delta)
         self._delta.fill_(self.delta)
 
     def set_t_index_list(self, t_index_list: Sequence[int]) -> None:
         """New t_index values; a different count resizes the in-flight buffers."""
         self._require_prepared()
-        values = _validate_t_index_list(t_index_list, self._num_inference_steps)
+        values = validate_t_index_list(t_index_list, self._num_inference_steps)
         resized = len(values) != self.num_steps
         self._t_index_list = values
         if resized:
@@ -508,43 +472,6 @@ class StreamEngine:
     ) -> None:
         """Switch the stochastic similarity filter and set its threshold (eta) and max_skip."""
         self.similarity.configure(enabled=enabled, threshold=threshold, max_skip=max_skip)
-
-    @staticmethod
-    def _check_guidance(value: float) -> float:
-        g = float(value)
-        if not 0.0 <= g <= 50.0:  # also rejects NaN
-            raise ValueError(f"guidance_scale must be within [0, 50], got {value!r}")
-        return g
-
-    @staticmethod
-    def _check_delta(value: float) -> float:
-        d = float(value)
-        if not 0.0 <= d <= 10.0:
-            raise ValueError(f"delta must be within [0, 10], got {value!r}")
-        return d
-
-    @staticmethod
-    def _check_seed(seed: SeedSpec) -> tuple[tuple[int, float], ...]:
-        if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
-            pairs: list[tuple[int, float]] = [(int(seed), 1.0)]
-        elif (
-            isinstance(seed, Sequence)
-            and seed
-            and all(isinstance(p, tuple | list) and len(p) == 2 for p in seed)
-        ):
-            pairs = [(int(s), float(w)) for s, w in seed]
-        else:
-            raise ValueError(f"seed must be an int or a list of (seed, weight) pairs, got {seed!r}")
-        for s, w in pairs:
-            if not 0 <= s < 2**63:
-                raise ValueError(f"seed must be within [0, 2**63), got {s}")
-            if not w >= 0.0:
-                raise ValueError(f"seed blend weight for seed {s} must be >= 0, got {w}")
-        if sum(w for _, w in pairs) <= 0.0:
-            raise ValueError(f"seed blend weights must not all be zero, got {pairs}")
-        # The heaviest seed comes first: it drives the CPU generator that continues after the noise.
-        pairs.sort(key=lambda p: -p[1])
-        return tuple(p for p in pairs if p[1] > 0.0)
 
     def _require_prepared(self) -> None:
         if not self._prepared:
@@ -574,7 +501,7 @@ class StreamEngine:
         #    here (a skip replays nothing); draw the CPU-generator noise the frame needs.
         staging = None
         if image is not None:
-            staging = self._stage(image)
+            staging = self._inputs.stage(image)
             staging.normalise()  # pixels in [-1, 1]; flat32 holds the same in fp32
             if self.similarity.should_skip(staging.flat32) and self._has_output:
                 self.stats.skipped += 1
@@ -644,57 +571,6 @@ class StreamEngine:
     def _layout_key(self, source: Hashable) -> LayoutKey:
         """What fixes a frame's kernels and addresses: input kind, step count, guided or not."""
         return (source, self.num_steps, self._guided)
-
-    def _stage(self, image: Tensor | np.ndarray) -> InputStaging:
-        """Check the input and load it into the staging buffers as fp32 pixels in [0, 1]."""
-        f = self.frame_buffer_size
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] not in (3, 4):
-                raise ValueError(
-                    f"image array must be uint8 (H, W, 3|4) or (f, H, W, 3|4), got {image.dtype} {image.shape}"
-                )
-            batch = image[None] if image.ndim == 3 else image
-            count, size, kind = batch.shape[0], batch.shape[1:3], "uint8"
-        elif isinstance(image, Tensor):
-            if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
-                raise ValueError(
-                    f"image tensor must be float (f, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
-                )
-            count, size, kind = image.shape[0], tuple(image.shape[-2:]), "float"
-        else:
-            raise TypeError(
-                f"image must be a torch.Tensor, a numpy uint8 array or None, got {type(image).__name__}"
-            )
-        if count != f:
-            raise ValueError(f"image batch must hold frame_buffer_size={f} frames, got {count}")
-        channels = batch.shape[-1] if kind == "uint8" else 3
-        staging = self._staging.get((kind, channels))
-        if staging is None:
-            staging = InputStaging(
-                kind,
-                f=f,
-                height=self.height,
-                width=self.width,
-                channels=channels,
-                device=self.device,
-                dtype=self.dtype,
-            )
-            self._staging[(kind, channels)] = staging
-        if tuple(size) != (self.height, self.width):  # not the static path: resize, then stage
-            if kind == "uint8":
-                pixels = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).to(self.device)
-                pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
-            else:
-                pixels = image.to(device=self.device, dtype=torch.float32)  # type: ignore[union-attr]
-            pixels = torch.nn.functional.interpolate(
-                pixels, size=(self.height, self.width), mode="bilinear", align_corners=False
-            )
-            staging.pix32.copy_(pixels)
-        elif kind == "uint8":
-            staging.load_bytes(batch)
-        else:
-            staging.pix32.copy_(image)  # type: ignore[arg-type]
-        return staging
 
     def _encode(self, pixels: Tensor) -> Tensor:
         self.stats.vae_encodes += 1
@@ -860,11 +736,11 @@ class StreamEngine:
         if self.acceleration == Acceleration():
             return 0
         for image in examples:
-            staging = None if image is None else self._stage(image)
+            staging = None if image is None else self._inputs.stage(image)
             if staging is not None:
                 staging.normalise()
             self._sources.add(self._source_kind(staging))
-        stagings = {self._source_kind(s): s for s in self._staging.values()}
+        stagings = {self._source_kind(s): s for s in self._inputs.by_kind.values()}
         done = 0
         for key in self._reachable_keys(self._sources):
             if key in self._warmed:
