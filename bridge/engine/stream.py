@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bridge.engine.accel import Acceleration, Networks
+from bridge.engine.accel import Acceleration, Networks, accelerated_networks
 from bridge.engine.accel.graphs import CudaGraphBackend, FrameGraphs, GraphBackend, cuda_graph_unavailable
 from bridge.engine.checks import (
     SeedSpec,
@@ -47,7 +47,6 @@ from bridge.engine.guidance import (
     scalar,
     scale_,
 )
-from bridge.engine.loading import DEFAULT_CACHE_DIR
 from bridge.engine.noise import SeedNoise
 from bridge.engine.prompts import PromptCache, PromptSpec
 from bridge.engine.similarity import SimilarityFilter
@@ -132,13 +131,6 @@ class StreamEngine:
                 reason = "acceleration 'cuda_graph' captures the stream batch; use_denoising_batch=False is not captured"
             if reason is not None:
                 raise ValueError(reason)
-        if self.acceleration.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True  # process-wide, as cuDNN's own switch is
-        if self.acceleration.channels_last:
-            # In place: every engine on this pipe then runs channels-last weights (same results
-            # up to kernel choice; the benchmark gives such a contender a pipe of its own).
-            for module in (pipe.unet, pipe.vae):
-                module.to(memory_format=torch.channels_last)
         self.pipe = pipe
         self.cfg_type = CfgType.parse(cfg_type)
         self.width, self.height = width, height
@@ -150,26 +142,19 @@ class StreamEngine:
         self._t_index_list = validate_t_index_list(t_index_list, None)
         self._latent_shape = (4, height // 8, width // 8)
         self._vae_scale = float(pipe.vae.config.scaling_factor)
-        if networks is None and self.acceleration.compile:
-            from bridge.engine.accel.compile import compiled_networks
-
-            networks = compiled_networks(pipe, mode=compile_mode, cache_dir=cache_dir)
-        elif networks is None and self.acceleration.tensorrt:
-            from bridge.engine.accel.engine_networks import engine_networks
-
-            networks = engine_networks(
-                pipe,
-                model=str(getattr(pipe, "name_or_path", "") or type(pipe).__name__),
-                width=width,
-                height=height,
-                cfg_type=self.cfg_type.value,
-                step_counts=(len(self._t_index_list),),
-                frame_buffer_size=frame_buffer_size,
-                cache_dir=cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR,
-            )
-        self.nets = networks if networks is not None else Networks(pipe)
-        if self.acceleration.channels_last:
-            self.nets.name += " (channels_last)"
+        # 2. The networks a frame calls: eager modules, compiled ones or TensorRT engines.
+        self.nets = accelerated_networks(
+            pipe,
+            self.acceleration,
+            networks=networks,
+            compile_mode=compile_mode,
+            cache_dir=cache_dir,
+            width=width,
+            height=height,
+            cfg_type=self.cfg_type.value,
+            step_counts=(len(self._t_index_list),),
+            frame_buffer_size=frame_buffer_size,
+        )
         self._vae_is_kl = self.nets.is_kl  # AutoencoderKL samples; AutoencoderTiny does not
         self._prompts = PromptCache(pipe, device=self.device, dtype=self.dtype)
         self.similarity = SimilarityFilter(seed=similarity_seed)
