@@ -6,6 +6,7 @@ TensorRT's own docstrings); the onnxruntime backend runs the same path end to en
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import threading
@@ -35,7 +36,7 @@ from bridge.engine.accel.tensorrt import (
     import_tensorrt,
     prepare_engines,
 )
-from tests.fake_tensorrt import make_fake_tensorrt
+from tests.fake_tensorrt import TIMING_MAGIC, make_fake_tensorrt
 
 SIZE = 64
 GPU = DeviceInfo("NVIDIA H200", (9, 0))
@@ -142,6 +143,92 @@ def test_the_timing_cache_persists_across_builds(tiny_pipe: Any, tmp_path: Path)
     _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1,))], tmp_path, fake)
     _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1, 2))], tmp_path, fake)  # a new key, the same layers
     assert fake.timing_hits[0] == 0 and fake.timing_hits[1] > 0
+
+
+def _timing_keys(data: bytes) -> set[str]:
+    """The layer timings in a timing cache, as the fake serialises them."""
+    return set(json.loads(data.removeprefix(TIMING_MAGIC))["keys"])
+
+
+def _timing_cache(version: str, device: str, *keys: str) -> bytes:
+    return TIMING_MAGIC + json.dumps({"version": version, "device": device, "keys": list(keys)}).encode()
+
+
+def test_builds_that_overlap_keep_each_other_s_timings(tiny_pipe: Any, tmp_path: Path) -> None:
+    """Two builds of different keys (two processes, or the UNet and the VAE by two bridges) both
+    read the shared timing cache before either writes it back: neither's timings are lost."""
+    fake = make_fake_tensorrt()
+    encoder = vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))
+
+    class Overlapped(TensorRTBackend):
+        """While this build runs, another builds the encoder from its read to its write."""
+
+        def build(self, *args: Any, **kwargs: Any) -> tuple[bytes, bytes]:
+            built = super().build(*args, **kwargs)
+            assert _prepare(tiny_pipe, [encoder], tmp_path, fake).ok
+            return built
+
+    backend = Overlapped(fake, stream=lambda: STREAM)
+    report = prepare_engines(
+        tiny_pipe,
+        [_decoder(tiny_pipe, rows=(1,))],
+        model="tiny",
+        cache_root=tmp_path,
+        backend=backend,
+        device=GPU,
+        bars=False,
+    )
+    assert report.ok, report.fallbacks
+    (path,) = tmp_path.glob("timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache")
+    keys = _timing_keys(path.read_bytes())
+    assert any("latents" in k for k in keys), keys  # the decoder's layers
+    assert any("pixels" in k for k in keys), keys  # the encoder's, written while the decoder built
+    assert ("combine", "11.1.0", "NVIDIA H200", False) in fake.calls
+
+
+def test_the_timing_cache_is_read_merged_and_written_under_its_lock(tiny_pipe: Any, tmp_path: Path) -> None:
+    """A second writer that comes while the first is between its read and its write waits for
+    it, then merges with what the first wrote."""
+    cache = EngineCache(tmp_path)
+    key = EngineKey("tiny", "w" * 64, _decoder(tiny_pipe), "tensorrt", "11.1.0", GPU, BuilderSettings())
+
+    def union(ours: bytes, theirs: bytes) -> bytes:
+        return json.dumps(sorted(set(json.loads(ours)) | set(json.loads(theirs)))).encode()
+
+    def write(data: bytes, merge: Any) -> None:
+        cache.write_timing_cache(key, data, merge=merge, timeout_s=30)
+
+    write(b'["old"]', union)
+    second = threading.Thread(target=write, args=(b'["second"]', union))
+
+    def first_merge(ours: bytes, theirs: bytes) -> bytes:
+        second.start()  # between the first's read and its write
+        second.join(2.0)  # without the lock, the second would read, merge and write meanwhile
+        return union(ours, theirs)
+
+    write(b'["first"]', first_merge)
+    second.join()
+    assert json.loads(cache.timing_cache_path(key).read_bytes()) == ["first", "old", "second"]
+
+
+def test_a_timing_cache_from_another_tensorrt_or_gpu_is_not_merged(caplog: pytest.LogCaptureFixture) -> None:
+    fake = make_fake_tensorrt()
+    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    ours = _timing_cache("11.1.0", "NVIDIA H200", "a")
+    assert _timing_keys(backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H200", "b"))) == {
+        "a",
+        "b",
+    }
+    with caplog.at_level(logging.WARNING):
+        assert backend.merge_timing_caches(ours, _timing_cache("10.13.0", "NVIDIA H200", "b")) == ours
+        assert backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H100", "b")) == ours
+    assert "the timing cache on disk does not fit this TensorRT/GPU" in caplog.text
+    # The fake combines as TensorRT does: another GPU with ignore_mismatch, another version never.
+    config = fake.Builder(fake.ILogger()).create_builder_config()
+    merged = config.create_timing_cache(ours)
+    assert merged.combine(config.create_timing_cache(_timing_cache("11.1.0", "NVIDIA H100", "c")), True)
+    assert not merged.combine(config.create_timing_cache(_timing_cache("10.13.0", "NVIDIA H200", "d")), True)
+    assert merged.keys == {"a", "c"}
 
 
 def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: Path) -> None:

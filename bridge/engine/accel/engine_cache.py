@@ -13,7 +13,9 @@ Layout, one folder per key under `<model cache>/engines/`:
                                        a temporary one (out of memory, a killed build process)
                                        is retried at the next starts, TRANSIENT_ATTEMPTS in all
     <component>-<digest>/.lock         held while building or loading, across processes
-    timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds
+    timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds:
+                                       each build's is merged into it (`write_timing_cache`)
+    timing-<backend>-<version>-<gpu>.cache.lock   held while merging into it, across processes
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -245,34 +247,63 @@ class EngineCache:
         path = self.timing_cache_path(key)
         return path.read_bytes() if path.is_file() else b""
 
-    def write_timing_cache(self, key: EngineKey, data: bytes) -> None:
-        if data:
-            write_atomic(self.timing_cache_path(key), data)
+    def write_timing_cache(
+        self,
+        key: EngineKey,
+        data: bytes,
+        *,
+        merge: Callable[[bytes, bytes], bytes],
+        timeout_s: float,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Store a build's timing cache `data`, merged with the file as it is now by `merge(ours,
+        theirs)` (the backend's: it knows the format). Every build shares the file, and another
+        (another process, or another component) may have written it since this one read it;
+        writing `data` alone would drop that build's timings. The read, merge and write hold the
+        file's lock (`<file>.lock`, across processes), so no other merge comes between."""
+        if not data:
+            return
+        path = self.timing_cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+        with _held(lock, "timing cache", "a build storing its timings?", timeout_s=timeout_s, cancel=cancel):
+            theirs = path.read_bytes() if path.is_file() else b""
+            write_atomic(path, merge(data, theirs) if theirs else data)
 
     @contextmanager
     def lock(
         self, key: EngineKey, *, timeout_s: float, cancel: threading.Event | None = None
     ) -> Iterator[None]:
         """Hold the key's lock across processes, polling so a stop request is seen within a second."""
-        from filelock import FileLock, Timeout
-
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder / ".lock"))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-                break
-            except Timeout:
-                if cancel is not None and cancel.is_set():
-                    raise CacheLockTimeout(f"stopped while waiting for the lock {str(folder)!r}") from None
-                if time.monotonic() >= deadline:
-                    raise CacheLockTimeout(
-                        f"another process has held the engine lock {str(folder / '.lock')!r} for more "
-                        f"than {timeout_s:.0f} s (a build in progress?); wait for it, or stop it and retry"
-                    ) from None
-        try:
+        with _held(folder / ".lock", "engine", "a build in progress?", timeout_s=timeout_s, cancel=cancel):
             yield
-        finally:
-            lock.release()
+
+
+@contextmanager
+def _held(
+    path: Path, what: str, why: str, *, timeout_s: float, cancel: threading.Event | None
+) -> Iterator[None]:
+    """Hold the file lock `path` across processes (and threads), polling so a stop request is
+    seen within a second; `what` and `why` name it in the timeout's message."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            break
+        except Timeout:
+            if cancel is not None and cancel.is_set():
+                raise CacheLockTimeout(f"stopped while waiting for the lock {str(path)!r}") from None
+            if time.monotonic() >= deadline:
+                raise CacheLockTimeout(
+                    f"another process has held the {what} lock {str(path)!r} for more than "
+                    f"{timeout_s:.0f} s ({why}); wait for it, or stop it and retry"
+                ) from None
+    try:
+        yield
+    finally:
+        lock.release()

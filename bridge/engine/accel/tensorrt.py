@@ -4,13 +4,14 @@ A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one
 `Runner`, which is bound once per layout to static tensors (`bind`) and then run once per frame
 (`run`). Two backends implement it:
 - `TensorRTBackend`, the TensorRT Python API (10.1 to 11.x): a strongly typed network parsed from
-  the ONNX, one static optimization profile per reachable row count, the persisted timing cache,
-  progress through `trt.IProgressMonitor` (returning False from `step_complete` cancels the
-  build), and at run time one execution context per profile, all on one block of working memory
-  the runner owns (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static
-  buffers bound with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT
-  requires) and checked with `infer_shapes`, and `execute_async_v3` on torch's current stream,
-  so a captured frame graph can hold the call;
+  the ONNX, one static optimization profile per reachable row count, the persisted timing cache
+  (each build's merged into the shared file with `ITimingCache.combine`), progress through
+  `trt.IProgressMonitor` (returning False from `step_complete` cancels the build), and at run time
+  one execution context per profile, all on one block of working memory the runner owns
+  (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static buffers bound
+  with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT requires) and
+  checked with `infer_shapes`, and `execute_async_v3` on torch's current stream, so a captured
+  frame graph can hold the call;
 - `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
   profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
 
@@ -209,10 +210,15 @@ class Runner(Protocol):
 
 
 class Backend(Protocol):
-    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes)."""
+    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes).
+    `merge_timing_caches(ours, theirs)` returns one timing cache with the entries of both (ours
+    where they conflict), or ours where theirs does not fit: the cache file is shared by every
+    build, and another build may have written it since this one read it."""
 
     name: str
     version: str
+
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes: ...
 
     def build(
         self,
@@ -383,6 +389,22 @@ class TensorRTBackend:
         timing_bytes = bytes(memoryview(timing.serialize())) if timing is not None else b""
         return bytes(memoryview(plan)), timing_bytes
 
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+        """`theirs` combined into `ours` with `ITimingCache.combine` (entries in both keep ours).
+        A cache from another TensorRT or GPU does not combine (combine returns False): ours alone."""
+        trt = self.trt
+        logger = _recording_logger(trt, "timing cache")
+        builder = trt.Builder(logger)
+        config = builder.create_builder_config()
+        merged, other = config.create_timing_cache(ours), config.create_timing_cache(theirs)
+        if other is None or not merged.combine(other, False):
+            log.warning(
+                "the timing cache on disk does not fit this TensorRT/GPU (%s); keeping this build's alone",
+                _errors(logger),
+            )
+            return ours
+        return bytes(memoryview(merged.serialize()))
+
     def load(self, plan: bytes, spec: ExportSpec) -> TensorRTRunner:
         trt, title = self.trt, spec.component.value
         logger = _recording_logger(trt, title)
@@ -546,6 +568,11 @@ class OnnxRuntimeBackend:
             progress.phase_finish("checking the ONNX model")
         header = json.dumps({"rows": list(spec.rows)}).encode() + b"\n"
         return _ORT_MAGIC + header + model.SerializeToString(), timing_cache
+
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+        """onnxruntime times nothing: its build hands back the timing cache it was given, so
+        what is on disk now is at least as complete."""
+        return theirs or ours
 
     def load(self, plan: bytes, spec: ExportSpec) -> OnnxRuntimeRunner:
         import onnxruntime
@@ -741,7 +768,9 @@ def _prepare_one(
                 _record(cache, key, exc)
                 raise
             cache.write_plan(key, plan)
-            cache.write_timing_cache(key, timing)
+            cache.write_timing_cache(
+                key, timing, merge=backend.merge_timing_caches, timeout_s=lock_timeout_s, cancel=cancel
+            )
             for leftover in cache.onnx_path(key).parent.iterdir():
                 leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
         else:
