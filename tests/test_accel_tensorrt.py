@@ -5,11 +5,13 @@ TensorRT's own docstrings); the onnxruntime backend runs the same path end to en
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ import pytest
 import torch
 
 from bridge.engine.accel import tensorrt as tensorrt_backend
-from bridge.engine.accel.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
+from bridge.engine.accel.engine_cache import (
+    MODEL_NOTE,
+    BuilderSettings,
+    DeviceInfo,
+    EngineCache,
+    EngineKey,
+)
 from bridge.engine.accel.onnx_export import (
     Component,
     export_onnx,
@@ -74,7 +82,6 @@ def test_every_key_field_changes_the_key(tiny_pipe: Any) -> None:
     spec = _decoder(tiny_pipe)
     base = EngineKey("tiny", "w" * 64, spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
     variants = {
-        "model": dataclasses.replace(base, model="other"),
         "weights": dataclasses.replace(base, weights="x" * 64),
         "component": dataclasses.replace(
             base, spec=vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1, 2))
@@ -102,6 +109,39 @@ def test_every_key_field_changes_the_key(tiny_pipe: Any) -> None:
     cache = EngineCache(Path("/cache"))
     assert cache.folder(base).name == f"vae_decoder-{base.digest()}"
     assert "sm90" in cache.timing_cache_path(base).name and "11.1.0" in cache.timing_cache_path(base).name
+
+
+def test_one_model_s_weights_are_one_engine_whatever_the_model_is_called(
+    tiny_pipe: Any, tmp_path: Path
+) -> None:
+    """StreamEngine names the model by the pipe's `name_or_path`, the runtime by the config's
+    spelling: the same weights must find the same engine, not build it again (minutes)."""
+    spec = _decoder(tiny_pipe, rows=(1,))
+    hub = EngineKey("stabilityai/sd-turbo", "w" * 64, spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
+    folder = dataclasses.replace(hub, model="/home/show/models/sd-turbo")
+    cache = EngineCache(tmp_path)
+    assert cache.folder(hub) == cache.folder(folder)
+    assert cache.folder(dataclasses.replace(hub, weights="x" * 64)) != cache.folder(hub)
+
+    def prepare(pipe: Any, model: str) -> Any:
+        backend = TensorRTBackend(make_fake_tensorrt(), stream=lambda: STREAM)
+        report = prepare_engines(
+            pipe, [spec], model=model, cache_root=tmp_path, backend=backend, device=GPU, bars=False
+        )
+        assert report.ok, report.fallbacks
+        return report.ready[Component.VAE_DECODER]
+
+    first = prepare(tiny_pipe, "stabilityai/sd-turbo")
+    again = prepare(tiny_pipe, "/home/show/models/sd-turbo")
+    assert first.built and not again.built and again.plan_path == first.plan_path
+    described = json.loads((first.plan_path.parent / "key.json").read_text())
+    assert "model" not in described and described[MODEL_NOTE] == "stabilityai/sd-turbo"
+    # Other weights under the same name: another engine.
+    vae = copy.deepcopy(tiny_pipe.vae)
+    with torch.no_grad():
+        next(vae.decoder.parameters()).add_(0.01)
+    other = prepare(types.SimpleNamespace(unet=tiny_pipe.unet, vae=vae), "stabilityai/sd-turbo")
+    assert other.built and other.plan_path != first.plan_path
 
 
 # ------------------------------------------------------------------ build, hit, miss

@@ -1,14 +1,16 @@
 """The on-disk cache of built engines (TensorRT plans) under the model cache.
 
 An engine is only valid for the exact weights, shapes, builder and GPU it was built for, so its
-key holds all of them: model and weights digest, component and module config, exporter (torch
-version and opset), profiles (row counts) and latent size, backend name and version, GPU name
-and compute capability, and the builder settings. The original StreamDiffusion keyed engines
-without the resolution, a known source of its users' bugs.
+key holds all of them: weights digest, component and module config, exporter (torch version and
+opset), profiles (row counts) and latent size, backend name and version, GPU name and compute
+capability, and the builder settings. The original StreamDiffusion keyed engines without the
+resolution, a known source of its users' bugs. The model's name is not in the key: the weights
+digest names the weights, and one model has many spellings (a hub id, a local folder, the pipe's
+`name_or_path`); keyed by the name, the same weights were built twice, minutes each.
 
 Layout, one folder per key under `<model cache>/engines/`:
     <component>-<digest>/engine.plan   the serialized engine, written atomically
-    <component>-<digest>/key.json      the key's fields, for people
+    <component>-<digest>/key.json      the key's fields and the model's name (not keyed), for people
     <component>-<digest>/failed.json   a failed build: not retried until deleted (negative cache);
                                        a temporary one (out of memory, a killed build process)
                                        is retried at the next starts, TRANSIENT_ATTEMPTS in all
@@ -38,7 +40,8 @@ from torch import nn
 
 from bridge.engine.accel.onnx_export import ExportSpec
 
-KEY_FORMAT = 1  # bump when the key's fields change meaning
+KEY_FORMAT = 2  # bump when the key's fields change meaning (2: the model's name left the key)
+MODEL_NOTE = "model (for people; not part of the key)"  # its entry in key.json and failed.json
 TRANSIENT_ATTEMPTS = 3  # temporary failures in a row before a key is no longer retried
 
 
@@ -86,7 +89,8 @@ def weights_digest(module: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class EngineKey:
-    """What an engine depends on. `digest()` names its cache folder."""
+    """What an engine depends on. `digest()` names its cache folder. `model` (the name it was
+    loaded by) is recorded for people, but not hashed: `weights` identifies the weights."""
 
     model: str
     weights: str  # weights_digest of the component's module
@@ -97,10 +101,10 @@ class EngineKey:
     settings: BuilderSettings
 
     def fields(self) -> dict[str, Any]:
+        """What `digest()` hashes."""
         spec = self.spec
         return {
             "format": KEY_FORMAT,
-            "model": self.model,
             "weights": self.weights,
             "component": spec.component.value,
             "module_config": json.dumps(spec.config, sort_keys=True, default=str),
@@ -118,6 +122,10 @@ class EngineKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:24]
+
+    def described(self) -> dict[str, Any]:
+        """The key's fields and, marked as not part of it, the model's name: for people."""
+        return {**self.fields(), MODEL_NOTE: self.model}
 
 
 def _slug(text: str) -> str:
@@ -201,7 +209,7 @@ class EngineCache:
 
     def write_plan(self, key: EngineKey, plan: bytes) -> Path:
         folder = self.folder(key)
-        write_atomic(folder / "key.json", json.dumps(key.fields(), indent=1, sort_keys=True).encode())
+        write_atomic(folder / "key.json", json.dumps(key.described(), indent=1, sort_keys=True).encode())
         write_atomic(self.plan_path(key), plan)
         return self.plan_path(key)
 
@@ -235,7 +243,7 @@ class EngineCache:
             "transient": transient,
             "attempts": attempts,
             "time": time.time(),
-            "key": key.fields(),
+            "key": key.described(),
         }
         write_atomic(self.failure_path(key), json.dumps(record, indent=1).encode())
 

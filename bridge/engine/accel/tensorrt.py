@@ -704,7 +704,8 @@ def prepare_engines(
     bars: bool = True,
 ) -> EngineReport:
     """Build or load an engine per spec. A component that fails keeps the exact torch path; its
-    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled."""
+    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled. `model`
+    is recorded beside each engine for people; the weights themselves key it."""
     settings = settings if settings is not None else BuilderSettings()
     report = EngineReport()
     cache = EngineCache(cache_root)
