@@ -37,6 +37,10 @@ is not in those sources, the fake's wording is its own.
 - `set_optimization_profile_async` raises RuntimeError("Error in set optimization profile
   async.") on failure (pyCore.cpp context_set_optimization_profile_async), and changing the
   profile invalidates the input shapes;
+- `execute_async_v3` on the default stream (handle 0) logs a warning: "Using default stream in
+  enqueueV3() may lead to performance issues due to additional calls to cudaStreamSynchronize()
+  by TensorRT to ensure correct synchronization. Please use non-default stream instead." (as
+  TensorRT 10 logs it; documented in pyCoreDoc.h execute_async_v3, NvInferRuntime.h enqueueV3);
 - `set_input_shape`, `set_tensor_address`, `execute_async_v3` return bool (pyCore.cpp);
   `set_input_shape` refuses a shape whose dimensions disagree with the network's where those
   are not -1, or a dynamic one outside the active profile; a static input needs no profile
@@ -78,6 +82,36 @@ import numpy as np
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
 TIMING_MAGIC = b"FAKE-TRT-TIMING\n"
 ALIGNMENT = 256  # bytes: setTensorAddress and setDeviceMemoryV2 want at least this
+DEFAULT_STREAM = 0  # cudaStream_t 0, the legacy default stream (torch's cuda_stream for it)
+DEFAULT_STREAM_WARNING = (
+    "Using default stream in enqueueV3() may lead to performance issues due to additional calls to "
+    "cudaStreamSynchronize() by TensorRT to ensure correct synchronization. Please use non-default "
+    "stream instead."
+)
+
+
+class FakeStreams:
+    """A stand-in for torch's CUDA streams behind `bridge.engine.accel.streams.Streams`.
+    `handle` is what torch's current stream reports (`cuda_stream`: 0 for the default stream,
+    another number for a stream of one's own, such as a graph's capture stream); `fork` and
+    `join` are recorded in `calls` (pass the fake TensorRT's, to see their order with its calls).
+    As torch's `Stream.wait_event`/`wait_stream`, they only order later work: nothing waits here."""
+
+    PRIVATE = 0x5EED  # the private stream's handle
+
+    def __init__(self, handle: int, calls: list[tuple[Any, ...]] | None = None) -> None:
+        self.handle = handle
+        self.calls: list[tuple[Any, ...]] = calls if calls is not None else []
+
+    def current(self) -> int:
+        return self.handle
+
+    def fork(self) -> int:
+        self.calls.append(("fork", self.handle, self.PRIVATE))  # the private stream waits for current
+        return self.PRIVATE
+
+    def join(self) -> None:
+        self.calls.append(("join", self.handle, self.PRIVATE))  # the current stream waits for private
 
 
 def _override(obj: Any, name: str, *args: Any, refused: Any = None) -> Any:
@@ -574,6 +608,8 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
                 if self.device_memory is None or self.device_memory[1] < need:
                     self._error(f"enqueueV3: device memory {self.device_memory} is smaller than {need} bytes")
                     return False
+            if stream_handle == DEFAULT_STREAM:
+                _override(engine.logger, "log", ILogger.Severity.WARNING, DEFAULT_STREAM_WARNING)
             import onnxruntime
 
             if self._session is None:

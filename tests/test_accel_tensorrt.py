@@ -33,6 +33,7 @@ from bridge.engine.accel.onnx_export import (
     vae_decoder_spec,
     vae_encoder_spec,
 )
+from bridge.engine.accel.streams import DEFAULT_STREAM, TorchStreams, enqueue
 from bridge.engine.accel.tensorrt import (
     BuildCancelled,
     BuildProgress,
@@ -44,11 +45,11 @@ from bridge.engine.accel.tensorrt import (
     import_tensorrt,
     prepare_engines,
 )
-from tests.fake_tensorrt import TIMING_MAGIC, make_fake_tensorrt
+from tests.fake_tensorrt import TIMING_MAGIC, FakeStreams, make_fake_tensorrt
 
 SIZE = 64
 GPU = DeviceInfo("NVIDIA H200", (9, 0))
-STREAM = 0xC0FFEE  # the handle the fake sees: torch's current stream on a GPU
+STREAM = 0xC0FFEE  # torch's current stream when it is not the default one (a capture stream, say)
 
 
 def _names(fake: Any) -> list[str]:
@@ -71,7 +72,7 @@ def _decoder_runner(pipe: Any, root: Path, fake: Any, rows: tuple[int, ...] = (1
 
 
 def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, **kwargs: Any) -> Any:
-    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
     return prepare_engines(
         pipe, specs, model="tiny", cache_root=root, backend=backend, device=GPU, bars=False, **kwargs
     )
@@ -124,7 +125,7 @@ def test_one_model_s_weights_are_one_engine_whatever_the_model_is_called(
     assert cache.folder(dataclasses.replace(hub, weights="x" * 64)) != cache.folder(hub)
 
     def prepare(pipe: Any, model: str) -> Any:
-        backend = TensorRTBackend(make_fake_tensorrt(), stream=lambda: STREAM)
+        backend = TensorRTBackend(make_fake_tensorrt(), streams=FakeStreams(STREAM))
         report = prepare_engines(
             pipe, [spec], model=model, cache_root=tmp_path, backend=backend, device=GPU, bars=False
         )
@@ -208,7 +209,7 @@ def test_builds_that_overlap_keep_each_other_s_timings(tiny_pipe: Any, tmp_path:
             assert _prepare(tiny_pipe, [encoder], tmp_path, fake).ok
             return built
 
-    backend = Overlapped(fake, stream=lambda: STREAM)
+    backend = Overlapped(fake, streams=FakeStreams(STREAM))
     report = prepare_engines(
         tiny_pipe,
         [_decoder(tiny_pipe, rows=(1,))],
@@ -253,7 +254,7 @@ def test_the_timing_cache_is_read_merged_and_written_under_its_lock(tiny_pipe: A
 
 def test_a_timing_cache_from_another_tensorrt_or_gpu_is_not_merged(caplog: pytest.LogCaptureFixture) -> None:
     fake = make_fake_tensorrt()
-    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
     ours = _timing_cache("11.1.0", "NVIDIA H200", "a")
     assert _timing_keys(backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H200", "b"))) == {
         "a",
@@ -292,6 +293,84 @@ def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: P
     doubles = aligned_empty((1, 4, 8, 8), dtype=torch.float64, device="cpu")
     with pytest.raises(LoadFailed, match=r"'latents' is torch\.float64, the engine wants torch\.float32"):
         runner.bind(1, [doubles], [_aligned(1, 3, SIZE, SIZE)])
+
+
+def test_on_the_default_stream_the_engine_runs_on_a_private_stream_joined_back(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside a captured graph torch's current stream is usually the legacy default one (0), on
+    which TensorRT adds device synchronisations: each enqueue goes to a private stream that waits
+    for torch's first and that torch's waits for after. Any other stream takes it directly."""
+    fake = make_fake_tensorrt()
+    streams = FakeStreams(DEFAULT_STREAM, calls=fake.calls)
+    backend = TensorRTBackend(fake, streams=streams)
+    private, fork, join = (
+        FakeStreams.PRIVATE,
+        ("fork", 0, FakeStreams.PRIVATE),
+        ("join", 0, FakeStreams.PRIVATE),
+    )
+    with caplog.at_level(logging.WARNING):
+        report = prepare_engines(
+            tiny_pipe,
+            [_decoder(tiny_pipe)],
+            model="tiny",
+            cache_root=tmp_path,
+            backend=backend,
+            device=GPU,
+            bars=False,
+        )
+    assert report.ok, report.fallbacks
+    assert "Using default stream in enqueueV3()" not in caplog.text
+    # Validation bound and ran both profiles: each stream call between its own fork and join.
+    calls = fake.calls
+    enqueued = [
+        i for i, c in enumerate(calls) if c[0] in ("set_optimization_profile_async", "execute_async_v3")
+    ]
+    assert len(enqueued) == 4
+    for i in enqueued:
+        assert calls[i][-1] == private and calls[i - 1] == fork and calls[i + 1] == join, calls[i - 1 : i + 2]
+    runner = report.ready[Component.VAE_DECODER].runner
+    fake.calls.clear()
+    runner.run(2)
+    assert fake.calls == [fork, ("execute_async_v3", private), join]
+    # During a graph capture torch's current stream is the capture stream: enqueued on it, no fork.
+    streams.handle = STREAM
+    fake.calls.clear()
+    runner.run(2)
+    assert fake.calls == [("execute_async_v3", STREAM)]
+    # The reference the test leans on: the fake warns as TensorRT does when given the default stream.
+    streams.handle = DEFAULT_STREAM
+    with caplog.at_level(logging.WARNING):
+        runner._contexts[2].execute_async_v3(DEFAULT_STREAM)
+    assert "Using default stream in enqueueV3() may lead to performance issues" in caplog.text
+
+    def refused(stream: int) -> bool:
+        raise RuntimeError("Error in set optimization profile async.")
+
+    fake.calls.clear()
+    with pytest.raises(RuntimeError):
+        enqueue(streams, refused)
+    assert fake.calls == [fork, join]  # torch's stream is joined back even when the call raises
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_torch_streams_order_the_private_stream_between_torch_s_work() -> None:
+    """TorchStreams on a GPU: work enqueued by handle on the forked stream (as TensorRT's) sees
+    what torch wrote before the fork, and torch's work after the join sees its result."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    streams = TorchStreams(device)
+    assert streams.current() == DEFAULT_STREAM  # torch's stream outside any stream context
+    x = torch.empty(1 << 24, device=device)
+    y = torch.empty_like(x)
+    for k in range(1, 4):
+        x.fill_(float(k))  # on the default stream
+        with torch.cuda.stream(torch.cuda.ExternalStream(streams.fork())):
+            torch.mul(x, 2.0, out=y)  # on the private stream, as the engine's enqueue
+        streams.join()
+        assert float(y.sum()) == 2.0 * k * x.numel()  # read back on the default stream
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):  # as while a frame graph is captured
+        assert streams.current() == side.cuda_stream != DEFAULT_STREAM
 
 
 def test_a_buffer_off_a_256_byte_boundary_is_refused_with_the_reason(tiny_pipe: Any, tmp_path: Path) -> None:
@@ -514,7 +593,7 @@ def test_progress_is_reported_per_phase_as_a_bar(
     tiny_pipe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake = make_fake_tensorrt()
-    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
     report = prepare_engines(
         tiny_pipe, [_decoder(tiny_pipe)], model="tiny", cache_root=tmp_path, backend=backend, device=GPU
     )
@@ -549,7 +628,7 @@ def test_the_monitor_is_called_from_the_builder_s_thread_not_the_caller_s(
 
     spec = _decoder(tiny_pipe)
     onnx_path = export_onnx(tiny_pipe, spec, tmp_path / "onnx" / "model.onnx", opset=17)
-    backend = TensorRTBackend(make_fake_tensorrt(), stream=lambda: STREAM)
+    backend = TensorRTBackend(make_fake_tensorrt(), streams=FakeStreams(STREAM))
     progress = Recording("tensorrt vae_decoder", bars=False)
     plan, _ = backend.build(onnx_path, spec, settings=BuilderSettings(), timing_cache=b"", progress=progress)
     assert plan and progress.threads and threading.get_ident() not in progress.threads

@@ -11,7 +11,8 @@ A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one
   (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static buffers bound
   with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT requires) and
   checked with `infer_shapes`, and `execute_async_v3` on torch's current stream, so a captured
-  frame graph can hold the call;
+  frame graph can hold the call (where that is the legacy default stream, on which TensorRT adds
+  device synchronisations, on a private stream forked from it and joined back: accel/streams.py);
 - `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
   profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
 
@@ -58,6 +59,7 @@ from bridge.engine.accel.onnx_export import (
     export_onnx,
     sample_inputs,
 )
+from bridge.engine.accel.streams import Streams, TorchStreams, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -318,20 +320,17 @@ def _errors(logger: Any) -> str:
     return "; ".join(logger.errors[-3:])[:400] or "TensorRT logged no error"
 
 
-def _cuda_stream() -> int:
-    return int(torch.cuda.current_stream().cuda_stream)
-
-
 class TensorRTBackend:
-    """The TensorRT Python API. `trt` is the imported module (the tests pass a fake);
-    `stream` gives the CUDA stream handle to enqueue on (torch's current stream)."""
+    """The TensorRT Python API. `trt` is the imported module (the tests pass a fake); `streams`
+    the CUDA streams its runners enqueue on (default: torch's on the current device; see
+    accel/streams.py)."""
 
     name = "tensorrt"
 
-    def __init__(self, trt: Any | None = None, *, stream: Callable[[], int] = _cuda_stream) -> None:
+    def __init__(self, trt: Any | None = None, *, streams: Streams | None = None) -> None:
         self.trt = trt if trt is not None else import_tensorrt()
         self.version = str(self.trt.__version__)
-        self.stream = stream
+        self.streams: Streams = streams if streams is not None else TorchStreams()
 
     def build(
         self,
@@ -420,7 +419,7 @@ class TensorRTBackend:
             raise LoadFailed(
                 f"the {title} engine has {engine.num_optimization_profiles} profiles, expected {len(spec.rows)}"
             )
-        return TensorRTRunner(trt, engine, spec, logger, self.stream)
+        return TensorRTRunner(trt, engine, spec, logger, self.streams)
 
 
 class TensorRTRunner:
@@ -434,12 +433,10 @@ class TensorRTRunner:
     (the sizes are stateful: a weight-streaming budget changes them), it grows: a new block, every
     context moved onto it, the old one kept alive for the graphs captured on it."""
 
-    def __init__(
-        self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, stream: Callable[[], int]
-    ) -> None:
+    def __init__(self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, streams: Streams) -> None:
         self.trt, self.engine, self.spec = trt, engine, spec
         self._logger = logger  # must outlive the engine (TensorRT's rule)
-        self._stream = stream
+        self._streams = streams
         self._contexts: dict[int, Any] = {}
         self._bound: dict[int, tuple[Tensor, ...]] = {}  # keeps the buffers alive while bound
         self._memory: Tensor | None = None  # (bytes,) uint8, the contexts' shared working memory
@@ -463,7 +460,7 @@ class TensorRTRunner:
             if context is None:
                 raise LoadFailed(f"TensorRT could not create a {title} context: {_errors(self._logger)}")
             context.set_device_memory(memory.data_ptr(), memory.numel())
-            context.set_optimization_profile_async(index, self._stream())
+            enqueue(self._streams, lambda stream: context.set_optimization_profile_async(index, stream))
         # 3. Shapes and addresses of the static buffers.
         for tspec, tensor in zip(self.spec.inputs, inputs, strict=True):
             self._check_dtype(tspec.name, tensor)
@@ -524,7 +521,7 @@ class TensorRTRunner:
         context = self._contexts.get(rows)
         if context is None:
             raise LoadFailed(f"{self.spec.component.value}: run({rows}) before bind({rows}, ...)")
-        if not context.execute_async_v3(self._stream()):
+        if not enqueue(self._streams, context.execute_async_v3):
             raise RuntimeError(
                 f"TensorRT failed to run the {self.spec.component.value} engine: {_errors(self._logger)}"
             )
