@@ -22,6 +22,10 @@ is not in those sources, the fake's wording is its own.
   `add_optimization_profile` returns -1 for an invalid profile;
 - `set_timing_cache` returns False for a cache from another version/device
   (pyCoreDoc.h set_timing_cache); `create_timing_cache(b"")` makes a new cache;
+- `ITimingCache.combine(input_cache, ignore_mismatch)` appends the input's entries, skipping
+  those it has already, and returns True; a cache from another TensorRT version is skipped and
+  it returns False, and one from another device too unless `ignore_mismatch` (pyCoreDoc.h
+  ITimingCacheDoc::combine, NvInfer.h ITimingCache::combine);
 - `deserialize_cuda_engine` returns None when the plan cannot be deserialized;
 - `create_execution_context(strategy=ExecutionContextAllocationStrategy.STATIC)` (pyCore.cpp,
   ICudaEngine): STATIC gives the context its own working memory for the largest profile
@@ -33,6 +37,10 @@ is not in those sources, the fake's wording is its own.
 - `set_optimization_profile_async` raises RuntimeError("Error in set optimization profile
   async.") on failure (pyCore.cpp context_set_optimization_profile_async), and changing the
   profile invalidates the input shapes;
+- `execute_async_v3` on the default stream (handle 0) logs a warning: "Using default stream in
+  enqueueV3() may lead to performance issues due to additional calls to cudaStreamSynchronize()
+  by TensorRT to ensure correct synchronization. Please use non-default stream instead." (as
+  TensorRT 10 logs it; documented in pyCoreDoc.h execute_async_v3, NvInferRuntime.h enqueueV3);
 - `set_input_shape`, `set_tensor_address`, `execute_async_v3` return bool (pyCore.cpp);
   `set_input_shape` refuses a shape whose dimensions disagree with the network's where those
   are not -1, or a dynamic one outside the active profile; a static input needs no profile
@@ -51,7 +59,9 @@ is the fake's own figure: 4 bytes per element of the profile's largest inputs, p
 `extra_device_memory` (what lowering a weight-streaming budget does: the sizes are stateful,
 NvInferRuntime.h getDeviceMemorySizeForProfileV2). Knobs: `fail_build` (an error message the
 builder logs), `fail_context` (one the engine logs before `create_execution_context` returns
-None), `corrupt_output` ("nan" or "negate"), `extra_device_memory` (bytes).
+None), `corrupt_output` ("nan" or "negate"), `extra_device_memory` (bytes), `device_name` (the
+GPU the fake builds on, which its timing caches record, as TensorRT's cache header records the
+device's properties).
 """
 
 from __future__ import annotations
@@ -72,6 +82,36 @@ import numpy as np
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
 TIMING_MAGIC = b"FAKE-TRT-TIMING\n"
 ALIGNMENT = 256  # bytes: setTensorAddress and setDeviceMemoryV2 want at least this
+DEFAULT_STREAM = 0  # cudaStream_t 0, the legacy default stream (torch's cuda_stream for it)
+DEFAULT_STREAM_WARNING = (
+    "Using default stream in enqueueV3() may lead to performance issues due to additional calls to "
+    "cudaStreamSynchronize() by TensorRT to ensure correct synchronization. Please use non-default "
+    "stream instead."
+)
+
+
+class FakeStreams:
+    """A stand-in for torch's CUDA streams behind `bridge.engine.accel.streams.Streams`.
+    `handle` is what torch's current stream reports (`cuda_stream`: 0 for the default stream,
+    another number for a stream of one's own, such as a graph's capture stream); `fork` and
+    `join` are recorded in `calls` (pass the fake TensorRT's, to see their order with its calls).
+    As torch's `Stream.wait_event`/`wait_stream`, they only order later work: nothing waits here."""
+
+    PRIVATE = 0x5EED  # the private stream's handle
+
+    def __init__(self, handle: int, calls: list[tuple[Any, ...]] | None = None) -> None:
+        self.handle = handle
+        self.calls: list[tuple[Any, ...]] = calls if calls is not None else []
+
+    def current(self) -> int:
+        return self.handle
+
+    def fork(self) -> int:
+        self.calls.append(("fork", self.handle, self.PRIVATE))  # the private stream waits for current
+        return self.PRIVATE
+
+    def join(self) -> None:
+        self.calls.append(("join", self.handle, self.PRIVATE))  # the current stream waits for private
 
 
 def _override(obj: Any, name: str, *args: Any, refused: Any = None) -> Any:
@@ -92,6 +132,7 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
     m.fail_context = None
     m.corrupt_output = None
     m.extra_device_memory = 0
+    m.device_name = "NVIDIA H200"
     m.context_bytes = 0  # working memory TensorRT allocated itself (STATIC contexts)
     m.timing_hits = []  # per build: how many layer timings came from the timing cache
 
@@ -264,11 +305,21 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             return bool(self.shapes)
 
     class ITimingCache:
-        def __init__(self, keys: set[str], version: str) -> None:
-            self.keys, self.version = keys, version
+        def __init__(self, keys: set[str], version: str, device: str) -> None:
+            self.keys, self.version, self.device = keys, version, device
 
         def serialize(self) -> bytes:
-            return TIMING_MAGIC + json.dumps({"version": self.version, "keys": sorted(self.keys)}).encode()
+            body = {"version": self.version, "device": self.device, "keys": sorted(self.keys)}
+            return TIMING_MAGIC + json.dumps(body).encode()
+
+        def combine(self, input_cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            record("combine", input_cache.version, input_cache.device, ignore_mismatch)
+            if input_cache.version != self.version:
+                return False  # "must be generated by a TensorRT build of exact same version"
+            if input_cache.device != self.device and not ignore_mismatch:
+                return False
+            self.keys |= input_cache.keys  # "Conflicting entries will be skipped"
+            return True
 
     class BuilderConfig:
         def __init__(self) -> None:
@@ -297,15 +348,15 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             record("create_timing_cache", len(serialized_timing_cache))
             data = bytes(serialized_timing_cache)
             if not data:
-                return ITimingCache(set(), version)
+                return ITimingCache(set(), version, m.device_name)
             if not data.startswith(TIMING_MAGIC):
-                return ITimingCache(set(), "invalid")
+                return ITimingCache(set(), "invalid", "invalid")
             body = json.loads(data[len(TIMING_MAGIC) :])
-            return ITimingCache(set(body["keys"]), body["version"])
+            return ITimingCache(set(body["keys"]), body["version"], body["device"])
 
         def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
             record("set_timing_cache", cache.version, ignore_mismatch)
-            if cache.version != version and not ignore_mismatch:
+            if (cache.version, cache.device) != (version, m.device_name) and not ignore_mismatch:
                 return False
             self.timing_cache = cache
             return True
@@ -557,6 +608,8 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
                 if self.device_memory is None or self.device_memory[1] < need:
                     self._error(f"enqueueV3: device memory {self.device_memory} is smaller than {need} bytes")
                     return False
+            if stream_handle == DEFAULT_STREAM:
+                _override(engine.logger, "log", ILogger.Severity.WARNING, DEFAULT_STREAM_WARNING)
             import onnxruntime
 
             if self._session is None:

@@ -30,7 +30,7 @@ from bridge.engine.accel.tensorrt import (
     TensorRTBackend,
     prepare_engines,
 )
-from tests.fake_tensorrt import make_fake_tensorrt
+from tests.fake_tensorrt import FakeStreams, make_fake_tensorrt
 
 SIZE = 64
 GPU = DeviceInfo("NVIDIA H200", (9, 0))
@@ -41,7 +41,7 @@ def fake_tensorrt_backend(fail_build: str | None = None) -> TensorRTBackend:
     """The child's backend: TensorRTBackend on a fresh recording fake of TensorRT."""
     fake = make_fake_tensorrt()
     fake.fail_build = fail_build
-    return TensorRTBackend(fake, stream=lambda: 0)
+    return TensorRTBackend(fake, streams=FakeStreams(0))
 
 
 class MisbehavingBackend:
@@ -89,7 +89,7 @@ def misbehaving_backend(how: str) -> MisbehavingBackend:
 # ---------------------------------------------------------------- helpers
 def _isolated(factory: Any) -> tuple[ChildProcessBuilds, Any]:
     here = make_fake_tensorrt()  # the parent's TensorRT: loads only
-    return ChildProcessBuilds(TensorRTBackend(here, stream=lambda: 0xC0FFEE), factory), here
+    return ChildProcessBuilds(TensorRTBackend(here, streams=FakeStreams(0xC0FFEE)), factory), here
 
 
 def _prepare(pipe: Any, root: Path, backend: Any, **kwargs: Any) -> Any:

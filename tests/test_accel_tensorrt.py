@@ -5,10 +5,13 @@ TensorRT's own docstrings); the onnxruntime backend runs the same path end to en
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,13 @@ import pytest
 import torch
 
 from bridge.engine.accel import tensorrt as tensorrt_backend
-from bridge.engine.accel.engine_cache import BuilderSettings, DeviceInfo, EngineCache, EngineKey
+from bridge.engine.accel.engine_cache import (
+    MODEL_NOTE,
+    BuilderSettings,
+    DeviceInfo,
+    EngineCache,
+    EngineKey,
+)
 from bridge.engine.accel.onnx_export import (
     Component,
     export_onnx,
@@ -24,6 +33,7 @@ from bridge.engine.accel.onnx_export import (
     vae_decoder_spec,
     vae_encoder_spec,
 )
+from bridge.engine.accel.streams import DEFAULT_STREAM, TorchStreams, enqueue
 from bridge.engine.accel.tensorrt import (
     BuildCancelled,
     BuildProgress,
@@ -35,11 +45,11 @@ from bridge.engine.accel.tensorrt import (
     import_tensorrt,
     prepare_engines,
 )
-from tests.fake_tensorrt import make_fake_tensorrt
+from tests.fake_tensorrt import TIMING_MAGIC, FakeStreams, make_fake_tensorrt
 
 SIZE = 64
 GPU = DeviceInfo("NVIDIA H200", (9, 0))
-STREAM = 0xC0FFEE  # the handle the fake sees: torch's current stream on a GPU
+STREAM = 0xC0FFEE  # torch's current stream when it is not the default one (a capture stream, say)
 
 
 def _names(fake: Any) -> list[str]:
@@ -62,7 +72,7 @@ def _decoder_runner(pipe: Any, root: Path, fake: Any, rows: tuple[int, ...] = (1
 
 
 def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, **kwargs: Any) -> Any:
-    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
     return prepare_engines(
         pipe, specs, model="tiny", cache_root=root, backend=backend, device=GPU, bars=False, **kwargs
     )
@@ -73,7 +83,6 @@ def test_every_key_field_changes_the_key(tiny_pipe: Any) -> None:
     spec = _decoder(tiny_pipe)
     base = EngineKey("tiny", "w" * 64, spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
     variants = {
-        "model": dataclasses.replace(base, model="other"),
         "weights": dataclasses.replace(base, weights="x" * 64),
         "component": dataclasses.replace(
             base, spec=vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1, 2))
@@ -101,6 +110,39 @@ def test_every_key_field_changes_the_key(tiny_pipe: Any) -> None:
     cache = EngineCache(Path("/cache"))
     assert cache.folder(base).name == f"vae_decoder-{base.digest()}"
     assert "sm90" in cache.timing_cache_path(base).name and "11.1.0" in cache.timing_cache_path(base).name
+
+
+def test_one_model_s_weights_are_one_engine_whatever_the_model_is_called(
+    tiny_pipe: Any, tmp_path: Path
+) -> None:
+    """StreamEngine names the model by the pipe's `name_or_path`, the runtime by the config's
+    spelling: the same weights must find the same engine, not build it again (minutes)."""
+    spec = _decoder(tiny_pipe, rows=(1,))
+    hub = EngineKey("stabilityai/sd-turbo", "w" * 64, spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
+    folder = dataclasses.replace(hub, model="/home/show/models/sd-turbo")
+    cache = EngineCache(tmp_path)
+    assert cache.folder(hub) == cache.folder(folder)
+    assert cache.folder(dataclasses.replace(hub, weights="x" * 64)) != cache.folder(hub)
+
+    def prepare(pipe: Any, model: str) -> Any:
+        backend = TensorRTBackend(make_fake_tensorrt(), streams=FakeStreams(STREAM))
+        report = prepare_engines(
+            pipe, [spec], model=model, cache_root=tmp_path, backend=backend, device=GPU, bars=False
+        )
+        assert report.ok, report.fallbacks
+        return report.ready[Component.VAE_DECODER]
+
+    first = prepare(tiny_pipe, "stabilityai/sd-turbo")
+    again = prepare(tiny_pipe, "/home/show/models/sd-turbo")
+    assert first.built and not again.built and again.plan_path == first.plan_path
+    described = json.loads((first.plan_path.parent / "key.json").read_text())
+    assert "model" not in described and described[MODEL_NOTE] == "stabilityai/sd-turbo"
+    # Other weights under the same name: another engine.
+    vae = copy.deepcopy(tiny_pipe.vae)
+    with torch.no_grad():
+        next(vae.decoder.parameters()).add_(0.01)
+    other = prepare(types.SimpleNamespace(unet=tiny_pipe.unet, vae=vae), "stabilityai/sd-turbo")
+    assert other.built and other.plan_path != first.plan_path
 
 
 # ------------------------------------------------------------------ build, hit, miss
@@ -144,6 +186,92 @@ def test_the_timing_cache_persists_across_builds(tiny_pipe: Any, tmp_path: Path)
     assert fake.timing_hits[0] == 0 and fake.timing_hits[1] > 0
 
 
+def _timing_keys(data: bytes) -> set[str]:
+    """The layer timings in a timing cache, as the fake serialises them."""
+    return set(json.loads(data.removeprefix(TIMING_MAGIC))["keys"])
+
+
+def _timing_cache(version: str, device: str, *keys: str) -> bytes:
+    return TIMING_MAGIC + json.dumps({"version": version, "device": device, "keys": list(keys)}).encode()
+
+
+def test_builds_that_overlap_keep_each_other_s_timings(tiny_pipe: Any, tmp_path: Path) -> None:
+    """Two builds of different keys (two processes, or the UNet and the VAE by two bridges) both
+    read the shared timing cache before either writes it back: neither's timings are lost."""
+    fake = make_fake_tensorrt()
+    encoder = vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))
+
+    class Overlapped(TensorRTBackend):
+        """While this build runs, another builds the encoder from its read to its write."""
+
+        def build(self, *args: Any, **kwargs: Any) -> tuple[bytes, bytes]:
+            built = super().build(*args, **kwargs)
+            assert _prepare(tiny_pipe, [encoder], tmp_path, fake).ok
+            return built
+
+    backend = Overlapped(fake, streams=FakeStreams(STREAM))
+    report = prepare_engines(
+        tiny_pipe,
+        [_decoder(tiny_pipe, rows=(1,))],
+        model="tiny",
+        cache_root=tmp_path,
+        backend=backend,
+        device=GPU,
+        bars=False,
+    )
+    assert report.ok, report.fallbacks
+    (path,) = tmp_path.glob("timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache")
+    keys = _timing_keys(path.read_bytes())
+    assert any("latents" in k for k in keys), keys  # the decoder's layers
+    assert any("pixels" in k for k in keys), keys  # the encoder's, written while the decoder built
+    assert ("combine", "11.1.0", "NVIDIA H200", False) in fake.calls
+
+
+def test_the_timing_cache_is_read_merged_and_written_under_its_lock(tiny_pipe: Any, tmp_path: Path) -> None:
+    """A second writer that comes while the first is between its read and its write waits for
+    it, then merges with what the first wrote."""
+    cache = EngineCache(tmp_path)
+    key = EngineKey("tiny", "w" * 64, _decoder(tiny_pipe), "tensorrt", "11.1.0", GPU, BuilderSettings())
+
+    def union(ours: bytes, theirs: bytes) -> bytes:
+        return json.dumps(sorted(set(json.loads(ours)) | set(json.loads(theirs)))).encode()
+
+    def write(data: bytes, merge: Any) -> None:
+        cache.write_timing_cache(key, data, merge=merge, timeout_s=30)
+
+    write(b'["old"]', union)
+    second = threading.Thread(target=write, args=(b'["second"]', union))
+
+    def first_merge(ours: bytes, theirs: bytes) -> bytes:
+        second.start()  # between the first's read and its write
+        second.join(2.0)  # without the lock, the second would read, merge and write meanwhile
+        return union(ours, theirs)
+
+    write(b'["first"]', first_merge)
+    second.join()
+    assert json.loads(cache.timing_cache_path(key).read_bytes()) == ["first", "old", "second"]
+
+
+def test_a_timing_cache_from_another_tensorrt_or_gpu_is_not_merged(caplog: pytest.LogCaptureFixture) -> None:
+    fake = make_fake_tensorrt()
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
+    ours = _timing_cache("11.1.0", "NVIDIA H200", "a")
+    assert _timing_keys(backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H200", "b"))) == {
+        "a",
+        "b",
+    }
+    with caplog.at_level(logging.WARNING):
+        assert backend.merge_timing_caches(ours, _timing_cache("10.13.0", "NVIDIA H200", "b")) == ours
+        assert backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H100", "b")) == ours
+    assert "the timing cache on disk does not fit this TensorRT/GPU" in caplog.text
+    # The fake combines as TensorRT does: another GPU with ignore_mismatch, another version never.
+    config = fake.Builder(fake.ILogger()).create_builder_config()
+    merged = config.create_timing_cache(ours)
+    assert merged.combine(config.create_timing_cache(_timing_cache("11.1.0", "NVIDIA H100", "c")), True)
+    assert not merged.combine(config.create_timing_cache(_timing_cache("10.13.0", "NVIDIA H200", "d")), True)
+    assert merged.keys == {"a", "c"}
+
+
 def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: Path) -> None:
     fake = make_fake_tensorrt()
     runner = _decoder_runner(tiny_pipe, tmp_path, fake)
@@ -165,6 +293,84 @@ def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: P
     doubles = aligned_empty((1, 4, 8, 8), dtype=torch.float64, device="cpu")
     with pytest.raises(LoadFailed, match=r"'latents' is torch\.float64, the engine wants torch\.float32"):
         runner.bind(1, [doubles], [_aligned(1, 3, SIZE, SIZE)])
+
+
+def test_on_the_default_stream_the_engine_runs_on_a_private_stream_joined_back(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside a captured graph torch's current stream is usually the legacy default one (0), on
+    which TensorRT adds device synchronisations: each enqueue goes to a private stream that waits
+    for torch's first and that torch's waits for after. Any other stream takes it directly."""
+    fake = make_fake_tensorrt()
+    streams = FakeStreams(DEFAULT_STREAM, calls=fake.calls)
+    backend = TensorRTBackend(fake, streams=streams)
+    private, fork, join = (
+        FakeStreams.PRIVATE,
+        ("fork", 0, FakeStreams.PRIVATE),
+        ("join", 0, FakeStreams.PRIVATE),
+    )
+    with caplog.at_level(logging.WARNING):
+        report = prepare_engines(
+            tiny_pipe,
+            [_decoder(tiny_pipe)],
+            model="tiny",
+            cache_root=tmp_path,
+            backend=backend,
+            device=GPU,
+            bars=False,
+        )
+    assert report.ok, report.fallbacks
+    assert "Using default stream in enqueueV3()" not in caplog.text
+    # Validation bound and ran both profiles: each stream call between its own fork and join.
+    calls = fake.calls
+    enqueued = [
+        i for i, c in enumerate(calls) if c[0] in ("set_optimization_profile_async", "execute_async_v3")
+    ]
+    assert len(enqueued) == 4
+    for i in enqueued:
+        assert calls[i][-1] == private and calls[i - 1] == fork and calls[i + 1] == join, calls[i - 1 : i + 2]
+    runner = report.ready[Component.VAE_DECODER].runner
+    fake.calls.clear()
+    runner.run(2)
+    assert fake.calls == [fork, ("execute_async_v3", private), join]
+    # During a graph capture torch's current stream is the capture stream: enqueued on it, no fork.
+    streams.handle = STREAM
+    fake.calls.clear()
+    runner.run(2)
+    assert fake.calls == [("execute_async_v3", STREAM)]
+    # The reference the test leans on: the fake warns as TensorRT does when given the default stream.
+    streams.handle = DEFAULT_STREAM
+    with caplog.at_level(logging.WARNING):
+        runner._contexts[2].execute_async_v3(DEFAULT_STREAM)
+    assert "Using default stream in enqueueV3() may lead to performance issues" in caplog.text
+
+    def refused(stream: int) -> bool:
+        raise RuntimeError("Error in set optimization profile async.")
+
+    fake.calls.clear()
+    with pytest.raises(RuntimeError):
+        enqueue(streams, refused)
+    assert fake.calls == [fork, join]  # torch's stream is joined back even when the call raises
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_torch_streams_order_the_private_stream_between_torch_s_work() -> None:
+    """TorchStreams on a GPU: work enqueued by handle on the forked stream (as TensorRT's) sees
+    what torch wrote before the fork, and torch's work after the join sees its result."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    streams = TorchStreams(device)
+    assert streams.current() == DEFAULT_STREAM  # torch's stream outside any stream context
+    x = torch.empty(1 << 24, device=device)
+    y = torch.empty_like(x)
+    for k in range(1, 4):
+        x.fill_(float(k))  # on the default stream
+        with torch.cuda.stream(torch.cuda.ExternalStream(streams.fork())):
+            torch.mul(x, 2.0, out=y)  # on the private stream, as the engine's enqueue
+        streams.join()
+        assert float(y.sum()) == 2.0 * k * x.numel()  # read back on the default stream
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):  # as while a frame graph is captured
+        assert streams.current() == side.cuda_stream != DEFAULT_STREAM
 
 
 def test_a_buffer_off_a_256_byte_boundary_is_refused_with_the_reason(tiny_pipe: Any, tmp_path: Path) -> None:
@@ -387,7 +593,7 @@ def test_progress_is_reported_per_phase_as_a_bar(
     tiny_pipe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake = make_fake_tensorrt()
-    backend = TensorRTBackend(fake, stream=lambda: STREAM)
+    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
     report = prepare_engines(
         tiny_pipe, [_decoder(tiny_pipe)], model="tiny", cache_root=tmp_path, backend=backend, device=GPU
     )
@@ -422,7 +628,7 @@ def test_the_monitor_is_called_from_the_builder_s_thread_not_the_caller_s(
 
     spec = _decoder(tiny_pipe)
     onnx_path = export_onnx(tiny_pipe, spec, tmp_path / "onnx" / "model.onnx", opset=17)
-    backend = TensorRTBackend(make_fake_tensorrt(), stream=lambda: STREAM)
+    backend = TensorRTBackend(make_fake_tensorrt(), streams=FakeStreams(STREAM))
     progress = Recording("tensorrt vae_decoder", bars=False)
     plan, _ = backend.build(onnx_path, spec, settings=BuilderSettings(), timing_cache=b"", progress=progress)
     assert plan and progress.threads and threading.get_ident() not in progress.threads

@@ -1,19 +1,23 @@
 """The on-disk cache of built engines (TensorRT plans) under the model cache.
 
 An engine is only valid for the exact weights, shapes, builder and GPU it was built for, so its
-key holds all of them: model and weights digest, component and module config, exporter (torch
-version and opset), profiles (row counts) and latent size, backend name and version, GPU name
-and compute capability, and the builder settings. The original StreamDiffusion keyed engines
-without the resolution, a known source of its users' bugs.
+key holds all of them: weights digest, component and module config, exporter (torch version and
+opset), profiles (row counts) and latent size, backend name and version, GPU name and compute
+capability, and the builder settings. The original StreamDiffusion keyed engines without the
+resolution, a known source of its users' bugs. The model's name is not in the key: the weights
+digest names the weights, and one model has many spellings (a hub id, a local folder, the pipe's
+`name_or_path`); keyed by the name, the same weights were built twice, minutes each.
 
 Layout, one folder per key under `<model cache>/engines/`:
     <component>-<digest>/engine.plan   the serialized engine, written atomically
-    <component>-<digest>/key.json      the key's fields, for people
+    <component>-<digest>/key.json      the key's fields and the model's name (not keyed), for people
     <component>-<digest>/failed.json   a failed build: not retried until deleted (negative cache);
                                        a temporary one (out of memory, a killed build process)
                                        is retried at the next starts, TRANSIENT_ATTEMPTS in all
     <component>-<digest>/.lock         held while building or loading, across processes
-    timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds
+    timing-<backend>-<version>-<gpu>.cache   the builder's timing cache, shared by all builds:
+                                       each build's is merged into it (`write_timing_cache`)
+    timing-<backend>-<version>-<gpu>.cache.lock   held while merging into it, across processes
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +40,8 @@ from torch import nn
 
 from bridge.engine.accel.onnx_export import ExportSpec
 
-KEY_FORMAT = 1  # bump when the key's fields change meaning
+KEY_FORMAT = 2  # bump when the key's fields change meaning (2: the model's name left the key)
+MODEL_NOTE = "model (for people; not part of the key)"  # its entry in key.json and failed.json
 TRANSIENT_ATTEMPTS = 3  # temporary failures in a row before a key is no longer retried
 
 
@@ -84,7 +89,8 @@ def weights_digest(module: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class EngineKey:
-    """What an engine depends on. `digest()` names its cache folder."""
+    """What an engine depends on. `digest()` names its cache folder. `model` (the name it was
+    loaded by) is recorded for people, but not hashed: `weights` identifies the weights."""
 
     model: str
     weights: str  # weights_digest of the component's module
@@ -95,10 +101,10 @@ class EngineKey:
     settings: BuilderSettings
 
     def fields(self) -> dict[str, Any]:
+        """What `digest()` hashes."""
         spec = self.spec
         return {
             "format": KEY_FORMAT,
-            "model": self.model,
             "weights": self.weights,
             "component": spec.component.value,
             "module_config": json.dumps(spec.config, sort_keys=True, default=str),
@@ -116,6 +122,10 @@ class EngineKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:24]
+
+    def described(self) -> dict[str, Any]:
+        """The key's fields and, marked as not part of it, the model's name: for people."""
+        return {**self.fields(), MODEL_NOTE: self.model}
 
 
 def _slug(text: str) -> str:
@@ -199,7 +209,7 @@ class EngineCache:
 
     def write_plan(self, key: EngineKey, plan: bytes) -> Path:
         folder = self.folder(key)
-        write_atomic(folder / "key.json", json.dumps(key.fields(), indent=1, sort_keys=True).encode())
+        write_atomic(folder / "key.json", json.dumps(key.described(), indent=1, sort_keys=True).encode())
         write_atomic(self.plan_path(key), plan)
         return self.plan_path(key)
 
@@ -233,7 +243,7 @@ class EngineCache:
             "transient": transient,
             "attempts": attempts,
             "time": time.time(),
-            "key": key.fields(),
+            "key": key.described(),
         }
         write_atomic(self.failure_path(key), json.dumps(record, indent=1).encode())
 
@@ -245,34 +255,63 @@ class EngineCache:
         path = self.timing_cache_path(key)
         return path.read_bytes() if path.is_file() else b""
 
-    def write_timing_cache(self, key: EngineKey, data: bytes) -> None:
-        if data:
-            write_atomic(self.timing_cache_path(key), data)
+    def write_timing_cache(
+        self,
+        key: EngineKey,
+        data: bytes,
+        *,
+        merge: Callable[[bytes, bytes], bytes],
+        timeout_s: float,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Store a build's timing cache `data`, merged with the file as it is now by `merge(ours,
+        theirs)` (the backend's: it knows the format). Every build shares the file, and another
+        (another process, or another component) may have written it since this one read it;
+        writing `data` alone would drop that build's timings. The read, merge and write hold the
+        file's lock (`<file>.lock`, across processes), so no other merge comes between."""
+        if not data:
+            return
+        path = self.timing_cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+        with _held(lock, "timing cache", "a build storing its timings?", timeout_s=timeout_s, cancel=cancel):
+            theirs = path.read_bytes() if path.is_file() else b""
+            write_atomic(path, merge(data, theirs) if theirs else data)
 
     @contextmanager
     def lock(
         self, key: EngineKey, *, timeout_s: float, cancel: threading.Event | None = None
     ) -> Iterator[None]:
         """Hold the key's lock across processes, polling so a stop request is seen within a second."""
-        from filelock import FileLock, Timeout
-
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder / ".lock"))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-                break
-            except Timeout:
-                if cancel is not None and cancel.is_set():
-                    raise CacheLockTimeout(f"stopped while waiting for the lock {str(folder)!r}") from None
-                if time.monotonic() >= deadline:
-                    raise CacheLockTimeout(
-                        f"another process has held the engine lock {str(folder / '.lock')!r} for more "
-                        f"than {timeout_s:.0f} s (a build in progress?); wait for it, or stop it and retry"
-                    ) from None
-        try:
+        with _held(folder / ".lock", "engine", "a build in progress?", timeout_s=timeout_s, cancel=cancel):
             yield
-        finally:
-            lock.release()
+
+
+@contextmanager
+def _held(
+    path: Path, what: str, why: str, *, timeout_s: float, cancel: threading.Event | None
+) -> Iterator[None]:
+    """Hold the file lock `path` across processes (and threads), polling so a stop request is
+    seen within a second; `what` and `why` name it in the timeout's message."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            break
+        except Timeout:
+            if cancel is not None and cancel.is_set():
+                raise CacheLockTimeout(f"stopped while waiting for the lock {str(path)!r}") from None
+            if time.monotonic() >= deadline:
+                raise CacheLockTimeout(
+                    f"another process has held the {what} lock {str(path)!r} for more than "
+                    f"{timeout_s:.0f} s ({why}); wait for it, or stop it and retry"
+                ) from None
+    try:
+        yield
+    finally:
+        lock.release()

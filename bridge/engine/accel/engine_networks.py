@@ -3,7 +3,8 @@
 `engine_networks` exports, builds or loads, and validates an engine per component for the row
 counts the config can reach (`prepare_engines`), then hands `StreamEngine` an `EngineNetworks`:
 each ready component runs its engine through static buffers of its own, bound once per row
-count, so a captured frame graph holds the engine call (`execute_async_v3` on torch's stream).
+count, so a captured frame graph holds the engine call (`execute_async_v3` on torch's stream,
+or on a private stream joined back to it where that is the default stream: accel/streams.py).
 A component that failed, or a row count without a profile (a live step-count change beyond the
 config's), runs on the exact torch path, and `fallbacks` says why: the runtime puts that in the
 log, the status and (from the negative cache) `doctor`.
@@ -128,6 +129,7 @@ def engine_networks(
     if backend is None or device is None:
         try:
             from bridge.engine.accel.isolated import ChildProcessBuilds, tensorrt_backend
+            from bridge.engine.accel.streams import TorchStreams
             from bridge.engine.accel.tensorrt import TensorRTBackend
 
             on = pipe.unet.device  # the engine's device (cuda:N), not the thread's current one
@@ -135,7 +137,7 @@ def engine_networks(
                 # Loads run here (on torch's stream of the engine's device); builds run in a
                 # child process, so that a crash in the builder cannot end the bridge.
                 backend = ChildProcessBuilds(
-                    TensorRTBackend(stream=lambda: int(torch.cuda.current_stream(on).cuda_stream)),
+                    TensorRTBackend(streams=TorchStreams(on)),
                     tensorrt_backend,
                     device_index=on.index,
                 )

@@ -5,7 +5,8 @@ TensorRT's builder runs for minutes in native code. There it can segfault, abort
 the kernel's out-of-memory killer ends the process; in-process, any of these would end the
 bridge as well, before `prepare_engines` could record the failure, so the next start would build
 (and die) again. `ChildProcessBuilds` wraps a `Backend`: its `build` runs the wrapped backend's
-build in a spawned child, and `load` (fast, needed here for the frames) stays in this process.
+build in a spawned child, and `load` (fast, needed here for the frames) and
+`merge_timing_caches` (short, after the child is gone) stay in this process.
 
 - The child is made by `factory`, a picklable callable (a top-level function, or a
   `functools.partial` of one) that returns the backend to build with; the parent's backend
@@ -213,6 +214,9 @@ class ChildProcessBuilds:
 
     def load(self, plan: bytes, spec: ExportSpec) -> Runner:
         return self.backend.load(plan, spec)
+
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+        return self.backend.merge_timing_caches(ours, theirs)  # here: short, and no build
 
     def build(
         self,

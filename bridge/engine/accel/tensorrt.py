@@ -4,13 +4,15 @@ A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one
 `Runner`, which is bound once per layout to static tensors (`bind`) and then run once per frame
 (`run`). Two backends implement it:
 - `TensorRTBackend`, the TensorRT Python API (10.1 to 11.x): a strongly typed network parsed from
-  the ONNX, one static optimization profile per reachable row count, the persisted timing cache,
-  progress through `trt.IProgressMonitor` (returning False from `step_complete` cancels the
-  build), and at run time one execution context per profile, all on one block of working memory
-  the runner owns (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static
-  buffers bound with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT
-  requires) and checked with `infer_shapes`, and `execute_async_v3` on torch's current stream,
-  so a captured frame graph can hold the call;
+  the ONNX, one static optimization profile per reachable row count, the persisted timing cache
+  (each build's merged into the shared file with `ITimingCache.combine`), progress through
+  `trt.IProgressMonitor` (returning False from `step_complete` cancels the build), and at run time
+  one execution context per profile, all on one block of working memory the runner owns
+  (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static buffers bound
+  with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT requires) and
+  checked with `infer_shapes`, and `execute_async_v3` on torch's current stream, so a captured
+  frame graph can hold the call (where that is the legacy default stream, on which TensorRT adds
+  device synchronisations, on a private stream forked from it and joined back: accel/streams.py);
 - `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
   profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
 
@@ -57,6 +59,7 @@ from bridge.engine.accel.onnx_export import (
     export_onnx,
     sample_inputs,
 )
+from bridge.engine.accel.streams import Streams, TorchStreams, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +212,15 @@ class Runner(Protocol):
 
 
 class Backend(Protocol):
-    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes)."""
+    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes).
+    `merge_timing_caches(ours, theirs)` returns one timing cache with the entries of both (ours
+    where they conflict), or ours where theirs does not fit: the cache file is shared by every
+    build, and another build may have written it since this one read it."""
 
     name: str
     version: str
+
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes: ...
 
     def build(
         self,
@@ -312,20 +320,17 @@ def _errors(logger: Any) -> str:
     return "; ".join(logger.errors[-3:])[:400] or "TensorRT logged no error"
 
 
-def _cuda_stream() -> int:
-    return int(torch.cuda.current_stream().cuda_stream)
-
-
 class TensorRTBackend:
-    """The TensorRT Python API. `trt` is the imported module (the tests pass a fake);
-    `stream` gives the CUDA stream handle to enqueue on (torch's current stream)."""
+    """The TensorRT Python API. `trt` is the imported module (the tests pass a fake); `streams`
+    the CUDA streams its runners enqueue on (default: torch's on the current device; see
+    accel/streams.py)."""
 
     name = "tensorrt"
 
-    def __init__(self, trt: Any | None = None, *, stream: Callable[[], int] = _cuda_stream) -> None:
+    def __init__(self, trt: Any | None = None, *, streams: Streams | None = None) -> None:
         self.trt = trt if trt is not None else import_tensorrt()
         self.version = str(self.trt.__version__)
-        self.stream = stream
+        self.streams: Streams = streams if streams is not None else TorchStreams()
 
     def build(
         self,
@@ -383,6 +388,22 @@ class TensorRTBackend:
         timing_bytes = bytes(memoryview(timing.serialize())) if timing is not None else b""
         return bytes(memoryview(plan)), timing_bytes
 
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+        """`theirs` combined into `ours` with `ITimingCache.combine` (entries in both keep ours).
+        A cache from another TensorRT or GPU does not combine (combine returns False): ours alone."""
+        trt = self.trt
+        logger = _recording_logger(trt, "timing cache")
+        builder = trt.Builder(logger)
+        config = builder.create_builder_config()
+        merged, other = config.create_timing_cache(ours), config.create_timing_cache(theirs)
+        if other is None or not merged.combine(other, False):
+            log.warning(
+                "the timing cache on disk does not fit this TensorRT/GPU (%s); keeping this build's alone",
+                _errors(logger),
+            )
+            return ours
+        return bytes(memoryview(merged.serialize()))
+
     def load(self, plan: bytes, spec: ExportSpec) -> TensorRTRunner:
         trt, title = self.trt, spec.component.value
         logger = _recording_logger(trt, title)
@@ -398,7 +419,7 @@ class TensorRTBackend:
             raise LoadFailed(
                 f"the {title} engine has {engine.num_optimization_profiles} profiles, expected {len(spec.rows)}"
             )
-        return TensorRTRunner(trt, engine, spec, logger, self.stream)
+        return TensorRTRunner(trt, engine, spec, logger, self.streams)
 
 
 class TensorRTRunner:
@@ -412,12 +433,10 @@ class TensorRTRunner:
     (the sizes are stateful: a weight-streaming budget changes them), it grows: a new block, every
     context moved onto it, the old one kept alive for the graphs captured on it."""
 
-    def __init__(
-        self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, stream: Callable[[], int]
-    ) -> None:
+    def __init__(self, trt: Any, engine: Any, spec: ExportSpec, logger: Any, streams: Streams) -> None:
         self.trt, self.engine, self.spec = trt, engine, spec
         self._logger = logger  # must outlive the engine (TensorRT's rule)
-        self._stream = stream
+        self._streams = streams
         self._contexts: dict[int, Any] = {}
         self._bound: dict[int, tuple[Tensor, ...]] = {}  # keeps the buffers alive while bound
         self._memory: Tensor | None = None  # (bytes,) uint8, the contexts' shared working memory
@@ -441,7 +460,7 @@ class TensorRTRunner:
             if context is None:
                 raise LoadFailed(f"TensorRT could not create a {title} context: {_errors(self._logger)}")
             context.set_device_memory(memory.data_ptr(), memory.numel())
-            context.set_optimization_profile_async(index, self._stream())
+            enqueue(self._streams, lambda stream: context.set_optimization_profile_async(index, stream))
         # 3. Shapes and addresses of the static buffers.
         for tspec, tensor in zip(self.spec.inputs, inputs, strict=True):
             self._check_dtype(tspec.name, tensor)
@@ -502,7 +521,7 @@ class TensorRTRunner:
         context = self._contexts.get(rows)
         if context is None:
             raise LoadFailed(f"{self.spec.component.value}: run({rows}) before bind({rows}, ...)")
-        if not context.execute_async_v3(self._stream()):
+        if not enqueue(self._streams, context.execute_async_v3):
             raise RuntimeError(
                 f"TensorRT failed to run the {self.spec.component.value} engine: {_errors(self._logger)}"
             )
@@ -546,6 +565,11 @@ class OnnxRuntimeBackend:
             progress.phase_finish("checking the ONNX model")
         header = json.dumps({"rows": list(spec.rows)}).encode() + b"\n"
         return _ORT_MAGIC + header + model.SerializeToString(), timing_cache
+
+    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+        """onnxruntime times nothing: its build hands back the timing cache it was given, so
+        what is on disk now is at least as complete."""
+        return theirs or ours
 
     def load(self, plan: bytes, spec: ExportSpec) -> OnnxRuntimeRunner:
         import onnxruntime
@@ -677,7 +701,8 @@ def prepare_engines(
     bars: bool = True,
 ) -> EngineReport:
     """Build or load an engine per spec. A component that fails keeps the exact torch path; its
-    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled."""
+    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled. `model`
+    is recorded beside each engine for people; the weights themselves key it."""
     settings = settings if settings is not None else BuilderSettings()
     report = EngineReport()
     cache = EngineCache(cache_root)
@@ -741,7 +766,9 @@ def _prepare_one(
                 _record(cache, key, exc)
                 raise
             cache.write_plan(key, plan)
-            cache.write_timing_cache(key, timing)
+            cache.write_timing_cache(
+                key, timing, merge=backend.merge_timing_caches, timeout_s=lock_timeout_s, cancel=cancel
+            )
             for leftover in cache.onnx_path(key).parent.iterdir():
                 leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
         else:
