@@ -17,10 +17,11 @@ import pytest
 from bridge.config import load_config
 from bridge.doctor import check_config
 from bridge.engine import StreamEngine
+from bridge.engine.accel.backend import BuildCancelled
 from bridge.engine.accel.engine_cache import DeviceInfo
 from bridge.engine.accel.engine_networks import ENGINE_CACHE, EngineNetworks, engine_networks
 from bridge.engine.accel.onnx_export import Component
-from bridge.engine.accel.tensorrt import BuildCancelled, OnnxRuntimeBackend
+from bridge.engine.accel.onnxruntime_backend import OnnxRuntimeBackend
 from tests.conftest import pattern_uint8
 from tests.test_doctor import _rows
 

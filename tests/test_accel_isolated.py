@@ -21,15 +21,12 @@ from typing import Any
 
 import pytest
 
+from bridge.engine.accel.backend import BuildCancelled, BuildProgress
 from bridge.engine.accel.engine_cache import BuilderSettings, DeviceInfo, EngineCache
 from bridge.engine.accel.isolated import BuildProcessDied, ChildProcessBuilds
 from bridge.engine.accel.onnx_export import Component, ExportSpec, vae_decoder_spec
-from bridge.engine.accel.tensorrt import (
-    BuildCancelled,
-    BuildProgress,
-    TensorRTBackend,
-    prepare_engines,
-)
+from bridge.engine.accel.prepare import prepare_engines
+from bridge.engine.accel.tensorrt import TensorRTBackend
 from tests.fake_tensorrt import FakeStreams, make_fake_tensorrt
 
 SIZE = 64
@@ -126,7 +123,7 @@ def test_the_plan_built_in_the_child_loads_and_runs_here(
     assert "build_serialized_network" not in names and "parse_from_file" not in names
     assert "deserialize_cuda_engine" in names and "execute_async_v3" in names
     # The child's progress reached this process's BuildProgress (its log lines), in order.
-    logged = [r.getMessage() for r in caplog.records if r.name == "bridge.engine.accel.tensorrt"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "bridge.engine.accel.backend"]
     phases = [
         m.removeprefix("tensorrt vae_decoder: ") for m in logged if m.startswith("tensorrt vae_decoder:")
     ]
@@ -235,7 +232,7 @@ _PARENT = """
 import functools, logging, sys, threading, time
 from pathlib import Path
 from bridge.engine.accel.engine_cache import BuilderSettings
-from bridge.engine.accel.tensorrt import BuildProgress
+from bridge.engine.accel.backend import BuildProgress
 from tests.test_accel_isolated import _isolated, misbehaving_backend, fake_tensorrt_backend
 from bridge.engine.accel.onnx_export import Component, ExportSpec
 import pickle

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from bridge.engine.accel import tensorrt as tensorrt_backend
+from bridge.engine.accel import prepare as prepare_module
+from bridge.engine.accel.backend import BuildCancelled, BuildProgress, LoadFailed, aligned_empty
 from bridge.engine.accel.engine_cache import (
     MODEL_NOTE,
     BuilderSettings,
@@ -33,18 +34,10 @@ from bridge.engine.accel.onnx_export import (
     vae_decoder_spec,
     vae_encoder_spec,
 )
+from bridge.engine.accel.onnxruntime_backend import OnnxRuntimeBackend
+from bridge.engine.accel.prepare import prepare_engines
 from bridge.engine.accel.streams import DEFAULT_STREAM, TorchStreams, enqueue
-from bridge.engine.accel.tensorrt import (
-    BuildCancelled,
-    BuildProgress,
-    LoadFailed,
-    OnnxRuntimeBackend,
-    TensorRTBackend,
-    _progress_monitor,
-    aligned_empty,
-    import_tensorrt,
-    prepare_engines,
-)
+from bridge.engine.accel.tensorrt import TensorRTBackend, _progress_monitor, import_tensorrt
 from tests.fake_tensorrt import TIMING_MAGIC, FakeStreams, make_fake_tensorrt
 
 SIZE = 64
@@ -566,7 +559,7 @@ def test_an_unparsable_onnx_falls_back_with_the_parser_error(
         path.write_bytes(b"\x08\x07truncated")
         return path
 
-    monkeypatch.setattr(tensorrt_backend, "export_onnx", truncated_export)
+    monkeypatch.setattr(prepare_module, "export_onnx", truncated_export)
     fake = make_fake_tensorrt()
     reason = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake).fallbacks[Component.VAE_DECODER]
     assert "BuildFailed: TensorRT could not parse" in reason

@@ -2,8 +2,8 @@
 
 The spelling (`engine.acceleration`, parsed by `Acceleration`) is in bridge/acceleration.py.
 Network-level backends change which `Networks` a frame calls: `compile` (accel/compile.py) and
-TensorRT engines (accel/engine_networks.py over tensorrt.py, onnx_export.py, engine_cache.py,
-streams.py).
+TensorRT engines (accel/engine_networks.py over prepare.py, backend.py, tensorrt.py,
+onnxruntime_backend.py, onnx_export.py, engine_cache.py, streams.py, isolated.py).
 The frame-level one, `cuda_graph` (accel/graphs.py), changes how the frame runs.
 `StreamEngine` asks this package for both and knows nothing of the backends.
 """

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bridge.engine.accel.backend import Backend
 from bridge.engine.accel.engine_cache import DeviceInfo
 from bridge.engine.accel.networks import Networks
 from bridge.engine.accel.onnx_export import (
@@ -30,7 +31,7 @@ from bridge.engine.accel.onnx_export import (
     vae_decoder_spec,
     vae_encoder_spec,
 )
-from bridge.engine.accel.tensorrt import Backend, EngineReport, Prepared, prepare_engines
+from bridge.engine.accel.prepare import EngineReport, Prepared, prepare_engines
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bridge.engine.accel.engine_cache import BuilderSettings
-from bridge.engine.accel.onnx_export import ExportSpec
-from bridge.engine.accel.tensorrt import (
+from bridge.engine.accel.backend import (
     Backend,
     BuildCancelled,
     BuildFailed,
@@ -58,6 +56,8 @@ from bridge.engine.accel.tensorrt import (
     is_transient,
     shielded,
 )
+from bridge.engine.accel.engine_cache import BuilderSettings
+from bridge.engine.accel.onnx_export import ExportSpec
 
 log = logging.getLogger(__name__)
 

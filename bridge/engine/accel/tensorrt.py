@@ -1,93 +1,51 @@
-"""`acceleration: tensorrt`: engines built from the fp16 ONNX, cached, validated, run on static buffers.
+"""`TensorRTBackend`: the `Backend` (accel/backend.py) on the TensorRT Python API, 10.1 to 11.x.
 
-A `Backend` builds a serialized engine from an ONNX file (`build`) and loads one (`load`) into a
-`Runner`, which is bound once per layout to static tensors (`bind`) and then run once per frame
-(`run`). Two backends implement it:
-- `TensorRTBackend`, the TensorRT Python API (10.1 to 11.x): a strongly typed network parsed from
-  the ONNX, one static optimization profile per reachable row count, the persisted timing cache
-  (each build's merged into the shared file with `ITimingCache.combine`), progress through
-  `trt.IProgressMonitor` (returning False from `step_complete` cancels the build), and at run time
-  one execution context per profile, all on one block of working memory the runner owns
-  (`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static buffers bound
-  with `set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT requires) and
-  checked with `infer_shapes`, and `execute_async_v3` on torch's current stream, so a captured
-  frame graph can hold the call (where that is the legacy default stream, on which TensorRT adds
-  device synchronisations, on a private stream forked from it and joined back: accel/streams.py);
-- `OnnxRuntimeBackend`, onnxruntime on the CPU with I/O bound by address the same way, and the
-  profile bounds enforced as TensorRT enforces them, so the whole path runs without a GPU.
+Build: a strongly typed network parsed from the fp16 ONNX, one static optimization profile per
+reachable row count, the persisted timing cache (each build's merged into the shared file with
+`ITimingCache.combine`), progress through `trt.IProgressMonitor` (returning False from
+`step_complete` cancels the build). The runtime builds in a child process (accel/isolated.py).
 
-`prepare_engines` ties export, cache, build, load and validation together. Every failure of a
-component, whatever raised it, becomes a reason: logged as a warning, returned to the caller for
-status and `doctor`, and the component stays on the exact torch path. Only a stop request
-(`BuildCancelled`) propagates. Failures are remembered in the cache (not retried), except
-temporary ones (`is_transient`: out of memory, a full disk, a build process killed by SIGKILL),
-which the next starts retry, `TRANSIENT_ATTEMPTS` in a row. The runtime builds with TensorRT in
-a child process (`accel/isolated.py`). The TensorRT engines themselves were never run in this workplace:
-no lent machine has TensorRT. Their code follows the documented API, and the tests drive it
-through a recording fake of that API.
+Run: one execution context per profile, all on one block of working memory the runner owns
+(`USER_MANAGED` contexts with `set_device_memory`, both from 10.1), the static buffers bound with
+`set_input_shape` and `set_tensor_address` (256-byte aligned, as TensorRT requires) and checked
+with `infer_shapes`, and `execute_async_v3` on torch's current stream, so a captured frame graph
+can hold the call (where that is the legacy default stream, on which TensorRT adds device
+synchronisations, on a private stream forked from it and joined back: accel/streams.py).
+
+The TensorRT engines themselves were never run in this workplace: no lent machine has TensorRT.
+Their code follows the documented API, and the tests drive it through a recording fake of that
+API (tests/fake_tensorrt.py).
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import math
-import re
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from bridge.engine.accel.engine_cache import (
-    BuilderSettings,
-    DeviceInfo,
-    EngineCache,
-    EngineKey,
-    weights_digest,
+from bridge.engine.accel.backend import (
+    TENSOR_ALIGNMENT,
+    BuildCancelled,
+    BuildFailed,
+    BuildProgress,
+    LoadFailed,
+    aligned_empty,
+    check_binding,
+    profile_index,
+    shielded,
 )
-from bridge.engine.accel.onnx_export import (
-    BATCH,
-    Component,
-    ExportModule,
-    ExportSpec,
-    component_dtype,
-    export_onnx,
-    sample_inputs,
-)
+from bridge.engine.accel.engine_cache import BuilderSettings
+from bridge.engine.accel.onnx_export import BATCH, ExportSpec
 from bridge.engine.accel.streams import Streams, TorchStreams, enqueue
 
 log = logging.getLogger(__name__)
 
 TENSORRT_EXTRA = 'pip install "streamdiffusion-bridge[tensorrt]"'
 MIN_TENSORRT = (10, 1)  # USER_MANAGED working memory: set_device_memory, *_size_for_profile_v2
-MIN_COSINE = 0.999
-TENSOR_ALIGNMENT = 256  # bytes: setTensorAddress refuses a less aligned pointer (NvInferRuntime.h)
-
-
-class BuildFailed(RuntimeError):
-    """The engine could not be built (recorded in the negative cache). `transient` says whether
-    it is worth a retry when the raiser knows (see `is_transient`); None: judge by the message."""
-
-    def __init__(self, message: str, *, transient: bool | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-class BuildCancelled(RuntimeError):
-    """A stop request ended the build; nothing is recorded, the next start builds again."""
-
-
-class LoadFailed(RuntimeError):
-    """A serialized engine could not be loaded or bound."""
-
-
-class ValidationFailed(RuntimeError):
-    """The engine's output differs from torch's on fixed inputs."""
 
 
 def import_tensorrt() -> Any:
@@ -109,77 +67,6 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-# ---------------------------------------------------------------------------------- progress
-class BuildProgress:
-    """Progress of a build's phases as tqdm bars (on a terminal) and log lines, and its cancellation.
-
-    TensorRT calls these from several threads (IProgressMonitor must be thread-safe), so a lock
-    guards the bars. `step_complete` returns False once `cancel` is set: TensorRT then ends the
-    build, and `build_serialized_network` returns None.
-    """
-
-    def __init__(self, title: str, *, cancel: threading.Event | None = None, bars: bool = True) -> None:
-        self.title = title
-        self.cancel = cancel if cancel is not None else threading.Event()
-        self.cancelled = False  # whether a step was refused
-        self.display_failed = False  # a callback's display raised (logged once, see `shielded`)
-        self.phases: list[tuple[str, int]] = []  # (phase, steps) in start order, for tests and logs
-        self._bars: dict[str, Any] = {}
-        self._use_bars = bars
-        self._lock = threading.Lock()
-
-    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-        with self._lock:
-            self.phases.append((phase_name, num_steps))
-            log.info("%s: %s (%d steps)", self.title, phase_name, num_steps)
-            if self._use_bars:
-                from tqdm import tqdm
-
-                depth = 0 if parent_phase is None else 1 + len(self._bars)
-                self._bars[phase_name] = tqdm(
-                    total=num_steps, desc=f"{self.title}: {phase_name}", position=depth, leave=depth == 0
-                )
-
-    def step_complete(self, phase_name: str, step: int) -> bool:
-        with self._lock:
-            bar = self._bars.get(phase_name)
-            if bar is not None:
-                bar.n = step + 1
-                bar.refresh()
-            if self.cancel.is_set():
-                self.cancelled = True
-                return False
-            return True
-
-    def phase_finish(self, phase_name: str) -> None:
-        with self._lock:
-            bar = self._bars.pop(phase_name, None)
-            if bar is not None:
-                bar.close()
-
-
-def shielded(progress: BuildProgress, call: Callable[[], Any], default: Any) -> Any:
-    """One progress callback. A KeyboardInterrupt inside it cancels the build. Any other error
-    of the progress display (a terminal gone, say) is logged once per build and ignored: it must
-    neither cancel a build of many minutes nor be recorded as that build's failure."""
-    try:
-        return call()
-    except KeyboardInterrupt:
-        progress.cancel.set()
-        progress.cancelled = True
-        return False
-    except Exception as exc:
-        if not progress.display_failed:
-            progress.display_failed = True
-            log.warning(
-                "%s: the build's progress display failed (%s: %s); the build goes on",
-                progress.title,
-                type(exc).__name__,
-                exc,
-            )
-        return default
-
-
 def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
     """A `trt.IProgressMonitor` forwarding to `progress`, each callback `shielded`."""
 
@@ -198,90 +85,6 @@ def _progress_monitor(trt: Any, progress: BuildProgress) -> Any:
             shielded(progress, lambda: progress.phase_finish(phase_name), None)
 
     return Monitor()
-
-
-# ---------------------------------------------------------------------------------- seam
-class Runner(Protocol):
-    """A loaded engine. `bind(rows, inputs, outputs)` once per layout, from the engine's thread,
-    with static tensors in `spec.inputs` / `spec.outputs` order that stay alive and in place;
-    then `run(rows)` once per frame. No allocation, no sync, no rebinding in `run`."""
-
-    def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None: ...
-
-    def run(self, rows: int) -> None: ...
-
-
-class Backend(Protocol):
-    """Builds and loads serialized engines. `build` returns (engine bytes, new timing cache bytes).
-    `merge_timing_caches(ours, theirs)` returns one timing cache with the entries of both (ours
-    where they conflict), or ours where theirs does not fit: the cache file is shared by every
-    build, and another build may have written it since this one read it."""
-
-    name: str
-    version: str
-
-    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes: ...
-
-    def build(
-        self,
-        onnx_path: Path,
-        spec: ExportSpec,
-        *,
-        settings: BuilderSettings,
-        timing_cache: bytes,
-        progress: BuildProgress,
-    ) -> tuple[bytes, bytes]: ...
-
-    def load(self, plan: bytes, spec: ExportSpec) -> Runner: ...
-
-
-def aligned_empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """An uninitialised contiguous tensor whose data starts on a TENSOR_ALIGNMENT boundary.
-
-    torch's CUDA allocator hands out 512-byte aligned blocks, so on a GPU this is a plain
-    allocation at offset 0; its CPU allocator aligns to 64 bytes only."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.empty(nbytes + TENSOR_ALIGNMENT, dtype=torch.uint8, device=device)
-    offset = -raw.data_ptr() % TENSOR_ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).view(tuple(shape))
-
-
-def _check_binding(
-    spec: ExportSpec,
-    rows: int,
-    inputs: Sequence[Tensor],
-    outputs: Sequence[Tensor],
-    *,
-    alignment: int = 1,
-) -> None:
-    """Static buffers must match the spec exactly, each starting on an `alignment`-byte
-    boundary: TensorRT reads raw addresses."""
-    for kind, specs, tensors in (("input", spec.inputs, inputs), ("output", spec.outputs, outputs)):
-        if len(tensors) != len(specs):
-            raise LoadFailed(
-                f"{spec.component.value}: {len(tensors)} {kind}s bound, expected {[s.name for s in specs]}"
-            )
-        for tspec, tensor in zip(specs, tensors, strict=True):
-            if tuple(tensor.shape) != tspec.concrete(rows) or not tensor.is_contiguous():
-                raise LoadFailed(
-                    f"{spec.component.value}: {kind} {tspec.name!r} is {tuple(tensor.shape)} "
-                    f"(contiguous={tensor.is_contiguous()}), expected contiguous {tspec.concrete(rows)}"
-                )
-            if tensor.data_ptr() % alignment:
-                raise LoadFailed(
-                    f"{spec.component.value}: {kind} {tspec.name!r} starts at {tensor.data_ptr():#x}, "
-                    f"{tensor.data_ptr() % alignment} bytes past a {alignment}-byte boundary; TensorRT "
-                    f"needs {alignment}-byte aligned buffers: allocate it on its own (a view at an "
-                    f"offset into another tensor is not aligned)"
-                )
-
-
-def _profile_index(spec: ExportSpec, rows: int) -> int:
-    if rows not in spec.rows:
-        raise LoadFailed(
-            f"{spec.component.value}: no optimization profile for {rows} rows; the engine has {list(spec.rows)}"
-        )
-    return spec.rows.index(rows)
 
 
 # ---------------------------------------------------------------------------------- TensorRT
@@ -444,8 +247,8 @@ class TensorRTRunner:
 
     def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
         title = self.spec.component.value
-        index = _profile_index(self.spec, rows)
-        _check_binding(self.spec, rows, inputs, outputs, alignment=TENSOR_ALIGNMENT)
+        index = profile_index(self.spec, rows)
+        check_binding(self.spec, rows, inputs, outputs, alignment=TENSOR_ALIGNMENT)
         # 1. The working memory, on the device of the tensors (the engine's), grown if too small.
         devices = sorted({str(t.device) for t in (*inputs, *outputs)})
         if len(devices) != 1:
@@ -525,264 +328,3 @@ class TensorRTRunner:
             raise RuntimeError(
                 f"TensorRT failed to run the {self.spec.component.value} engine: {_errors(self._logger)}"
             )
-
-
-# ---------------------------------------------------------------------------------- onnxruntime
-_ORT_MAGIC = b"SDBRIDGE-ORT-PLAN/1\n"
-
-
-class OnnxRuntimeBackend:
-    """onnxruntime on the CPU, run the way TensorRT is: I/O bound by address, static profiles.
-
-    Its "plan" is a header naming the profiles, then the ONNX model (models under 2 GB)."""
-
-    name = "onnxruntime"
-
-    def __init__(self) -> None:
-        import onnxruntime
-
-        self.version = str(onnxruntime.__version__)
-
-    def build(
-        self,
-        onnx_path: Path,
-        spec: ExportSpec,
-        *,
-        settings: BuilderSettings,
-        timing_cache: bytes,
-        progress: BuildProgress,
-    ) -> tuple[bytes, bytes]:
-        import onnx
-
-        progress.phase_start("checking the ONNX model", None, len(spec.rows))
-        try:
-            model = onnx.load(str(onnx_path))
-            onnx.checker.check_model(model)
-            for step in range(len(spec.rows)):
-                if not progress.step_complete("checking the ONNX model", step):
-                    raise BuildCancelled(f"the {spec.component.value} build was stopped")
-        finally:
-            progress.phase_finish("checking the ONNX model")
-        header = json.dumps({"rows": list(spec.rows)}).encode() + b"\n"
-        return _ORT_MAGIC + header + model.SerializeToString(), timing_cache
-
-    def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
-        """onnxruntime times nothing: its build hands back the timing cache it was given, so
-        what is on disk now is at least as complete."""
-        return theirs or ours
-
-    def load(self, plan: bytes, spec: ExportSpec) -> OnnxRuntimeRunner:
-        import onnxruntime
-
-        if not plan.startswith(_ORT_MAGIC):
-            raise LoadFailed(f"the {spec.component.value} plan is not an onnxruntime plan")
-        header, _, model = plan[len(_ORT_MAGIC) :].partition(b"\n")
-        rows = tuple(json.loads(header)["rows"])
-        if rows != spec.rows:
-            raise LoadFailed(
-                f"the {spec.component.value} plan has profiles {list(rows)}, expected {list(spec.rows)}"
-            )
-        session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-        return OnnxRuntimeRunner(session, spec)
-
-
-class OnnxRuntimeRunner:
-    """An I/O binding per profile, each on the static buffers' addresses."""
-
-    def __init__(self, session: Any, spec: ExportSpec) -> None:
-        self.session, self.spec = session, spec
-        self._bindings: dict[int, Any] = {}
-        self._bound: dict[int, tuple[Tensor, ...]] = {}
-
-    def bind(self, rows: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
-        import numpy as np
-
-        _profile_index(self.spec, rows)  # TensorRT refuses a shape outside every profile
-        _check_binding(self.spec, rows, inputs, outputs)
-        binding = self.session.io_binding()
-        for tspec, tensor in zip((*self.spec.inputs, *self.spec.outputs), (*inputs, *outputs), strict=True):
-            if tensor.device.type != "cpu":
-                raise LoadFailed(
-                    f"the onnxruntime backend runs on the CPU; {tspec.name!r} is on {tensor.device}"
-                )
-            dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
-            bind = binding.bind_input if tspec in self.spec.inputs else binding.bind_output
-            bind(tspec.name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
-        self._bindings[rows] = binding
-        self._bound[rows] = (*inputs, *outputs)
-
-    def run(self, rows: int) -> None:
-        binding = self._bindings.get(rows)
-        if binding is None:
-            raise LoadFailed(f"{self.spec.component.value}: run({rows}) before bind({rows}, ...)")
-        self.session.run_with_iobinding(binding)
-
-
-# ---------------------------------------------------------------------------------- the path
-@dataclass
-class Prepared:
-    """A component ready to run: bind its static buffers, then run it per frame."""
-
-    spec: ExportSpec
-    runner: Runner
-    plan_path: Path
-    built: bool  # built now (False: loaded from the cache)
-    cosine: dict[int, float]  # validation per row count
-
-
-@dataclass
-class EngineReport:
-    """What `prepare_engines` achieved: ready components, and a reason per fallen-back one."""
-
-    ready: dict[Component, Prepared] = field(default_factory=dict)
-    fallbacks: dict[Component, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.fallbacks
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Failures worth a retry at the next start: out of memory (host or GPU), a full disk, a
-    build process killed by SIGKILL (the out-of-memory killer). An exception may say so itself
-    with a `transient` attribute."""
-    flag = getattr(exc, "transient", None)
-    if flag is not None:
-        return bool(flag)
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    words = re.sub(r"[\s_-]", "", str(exc).lower())  # "out of memory", TensorRT's "OutOfMemory"
-    return "outofmemory" in words
-
-
-def _record(cache: EngineCache, key: EngineKey, exc: BaseException) -> None:
-    cache.record_failure(key, f"{type(exc).__name__}: {exc}"[:600], transient=is_transient(exc))
-
-
-def validate(
-    runner: Runner, reference: ExportModule, spec: ExportSpec, *, device: torch.device, dtype: torch.dtype
-) -> dict[int, float]:
-    """Run the engine and torch on fixed inputs at every profile; cosine >= MIN_COSINE, all finite."""
-    scores: dict[int, float] = {}
-    for rows in spec.rows:
-        samples = sample_inputs(spec, rows, dtype=dtype, device=device, seed=1234 + rows)
-        # Buffers of their own, aligned as TensorRT wants them whatever the allocator gives.
-        inputs = [aligned_empty(t.shape, dtype=t.dtype, device=t.device).copy_(t) for t in samples]
-        with torch.no_grad():
-            want = reference(*inputs)
-        got = aligned_empty(want.shape, dtype=want.dtype, device=want.device)
-        runner.bind(rows, inputs, [got])
-        runner.run(rows)
-        got_cpu, want_cpu = got.detach().to("cpu", torch.float64), want.detach().to("cpu", torch.float64)
-        if not torch.isfinite(got_cpu).all():
-            raise ValidationFailed(f"{spec.component.value} engine gave NaN or Inf at {rows} rows")
-        cos = float(torch.nn.functional.cosine_similarity(got_cpu.flatten(), want_cpu.flatten(), dim=0))
-        if not cos >= MIN_COSINE:
-            raise ValidationFailed(
-                f"{spec.component.value} engine differs from torch at {rows} rows: cosine {cos:.5f} < {MIN_COSINE}"
-            )
-        scores[rows] = cos
-    return scores
-
-
-def prepare_engines(
-    pipe: Any,
-    specs: Sequence[ExportSpec],
-    *,
-    model: str,
-    cache_root: Path,
-    backend: Backend,
-    device: DeviceInfo,
-    settings: BuilderSettings | None = None,
-    cancel: threading.Event | None = None,
-    lock_timeout_s: float = 3600.0,
-    bars: bool = True,
-) -> EngineReport:
-    """Build or load an engine per spec. A component that fails keeps the exact torch path; its
-    reason is logged and returned. A stop request (`cancel` set) raises BuildCancelled. `model`
-    is recorded beside each engine for people; the weights themselves key it."""
-    settings = settings if settings is not None else BuilderSettings()
-    report = EngineReport()
-    cache = EngineCache(cache_root)
-    digests: dict[int, str] = {}
-    for spec in specs:
-        module = pipe.unet if spec.component is Component.UNET else pipe.vae
-        try:
-            if id(module) not in digests:
-                digests[id(module)] = weights_digest(module)
-            key = EngineKey(model, digests[id(module)], spec, backend.name, backend.version, device, settings)
-            report.ready[spec.component] = _prepare_one(
-                pipe, key, cache, backend, cancel=cancel, lock_timeout_s=lock_timeout_s, bars=bars
-            )
-        except BuildCancelled:
-            raise
-        except Exception as exc:  # any failure of an optional backend keeps the show on the exact path
-            if cancel is not None and cancel.is_set():  # a stop while waiting for the lock, say
-                raise BuildCancelled(f"stopped while preparing the {spec.component.value} engine") from exc
-            reason = f"{spec.component.value}: {type(exc).__name__}: {exc}"[:600]
-            log.warning("%s engine unavailable, running it on the exact torch path: %s", backend.name, reason)
-            report.fallbacks[spec.component] = reason
-    return report
-
-
-def _prepare_one(
-    pipe: Any,
-    key: EngineKey,
-    cache: EngineCache,
-    backend: Backend,
-    *,
-    cancel: threading.Event | None,
-    lock_timeout_s: float,
-    bars: bool,
-) -> Prepared:
-    spec, title = key.spec, key.spec.component.value
-    with cache.lock(key, timeout_s=lock_timeout_s, cancel=cancel):
-        earlier = cache.failure(key)
-        if earlier is not None:
-            raise BuildFailed(
-                f"an earlier build failed ({earlier}); delete {str(cache.failure_path(key))!r} to try again"
-            )
-        plan = cache.read_plan(key)
-        built = plan is None
-        if plan is None:
-            log.info("building the %s %s engine (not in %s)", backend.name, title, cache.folder(key))
-            progress = BuildProgress(f"{backend.name} {title}", cancel=cancel, bars=bars)
-            try:
-                onnx_path = export_onnx(pipe, spec, cache.onnx_path(key), opset=key.settings.opset)
-                plan, timing = backend.build(
-                    onnx_path,
-                    spec,
-                    settings=key.settings,
-                    timing_cache=cache.read_timing_cache(key),
-                    progress=progress,
-                )
-            except BuildCancelled:
-                raise
-            except Exception as exc:
-                if cancel is not None and cancel.is_set():  # stopped: the next start builds again
-                    raise BuildCancelled(f"the {title} engine build was stopped ({exc})") from exc
-                _record(cache, key, exc)
-                raise
-            cache.write_plan(key, plan)
-            cache.write_timing_cache(
-                key, timing, merge=backend.merge_timing_caches, timeout_s=lock_timeout_s, cancel=cancel
-            )
-            for leftover in cache.onnx_path(key).parent.iterdir():
-                leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
-        else:
-            log.info("loading the %s %s engine from %s", backend.name, title, cache.plan_path(key))
-        try:
-            runner = backend.load(plan, spec)
-            reference = ExportModule(pipe, spec).eval()
-            module = pipe.unet if spec.component is Component.UNET else pipe.vae
-            device = next(module.parameters()).device
-            cosine = validate(runner, reference, spec, device=device, dtype=component_dtype(pipe, spec))
-        except Exception as exc:
-            # A plan that loads wrong is as bad as a failed build: never retried until deleted
-            # (out of memory while loading or validating is retried, TRANSIENT_ATTEMPTS in all).
-            _record(cache, key, exc)
-            raise
-        cache.clear_failure(key)  # earlier temporary failures are forgotten
-    return Prepared(spec, runner, cache.plan_path(key), built, cosine)
