@@ -62,6 +62,9 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
     assert report["accelerations"] == ["none", "cuda_graph"] and report["compile_modes"] == ["default"]
     assert "output_type='uint8'" in report["path"] and "device-to-host" in report["floor"]
     assert "prompt_embeds" in report["diffusers_io"] and "output_type='pil'" in report["diffusers_io"]
+    assert "stage_and_screen" in report["filter"] and ".item()" in report["filter"]
+    assert "skips every time" in report["skipped_frame"]
+    assert report["device_timing"].startswith("not taken: device 'cpu' has no CUDA events")
     rows = report["engine"]
     assert [(r["steps"], r["cfg_type"], r["acceleration"]) for r in rows] == [
         (steps, cfg, acc) for steps in (1, 2) for cfg in ("none", "self") for acc in ("none", "cuda_graph")
@@ -78,6 +81,15 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
         # Identical frames with max_skip=10: exactly 10 of every 11 frames after the first skip.
         assert row["skip_rate_static"] == pytest.approx(40 / 44, abs=1e-3)
         assert row["exact"] is True
+        # The filter's figures, measured once per (steps, cfg) on the host: on every row.
+        assert row["filter_ms"] > 0 and row["skipped_frame_ms"] > 0
+        # No CUDA events on the CPU: every device time is null, never a number.
+        device_keys = [key for key in row if key.endswith("_device_ms")]
+        assert sorted(device_keys) == sorted(
+            f"{c}_device_ms"
+            for c in ("engine", "sequential", "diffusers", "floor", "filter", "skipped_frame")
+        )
+        assert all(row[key] is None for key in device_keys)
     for row in (r for r in rows if r["acceleration"] == "none"):
         assert row["available"] is True and row["reason"] is None and row["fallback"] is None
         assert row["engine_ms"] > 0 and row["floor_ms"] > 0

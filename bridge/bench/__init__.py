@@ -14,13 +14,18 @@ after warm-up, on the same sequence of frames, and the median of the repeats is 
   (`timesteps=[tau_0..tau_{n-1}]`, `strength=1.0`), so it runs n UNet calls of batch 1 at the
   very timesteps of the engine's one call of batch n, with `guidance_scale=1.0`: no extra UNet
   work, as in the engine's `none` and `self` modes. PIL image in, `output_type="pil"` out;
-- the bare forward floor (contenders.FLOOR_INCLUDES), through each engine's own networks.
+- the bare forward floor (contenders.FLOOR_INCLUDES), through each engine's own networks;
+- the similarity filter's work alone, `engine.stage_and_screen` on a frame that is scored and
+  passes (contenders.FILTER_INCLUDES), and a frame it skips, end to end, on a still input
+  (contenders.SKIPPED_INCLUDES).
 
 Throughput (ms per frame, fps) and latency (frames in flight x ms: n for the stream batch, whose
 output for a frame leaves n - 1 calls later; 1 for sequential and diffusers) are both reported.
 Accelerated engines' frames are compared with `none`'s on the same inputs: bit for bit for exact
 accelerations, by PSNR for inexact ones. Also the similarity filter's skip rate on a static
-input. No figure is asserted anywhere; targets are reported next to the measurements.
+input. Every time is wall clock; on CUDA each also has the device's time of the same calls from
+CUDA events (`*_device_ms`, bridge.bench.timing), null elsewhere. No figure is asserted anywhere;
+targets are reported next to the measurements.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from typing import Any
 import torch
 
 from bridge.acceleration import COMPILE_MODES
+from bridge.bench import timing
 from bridge.bench.config import T_INDEX_PRESETS, TARGETS, TINY_BENCH_SIZE, BenchConfig
-from bridge.bench.contenders import DIFFUSERS_IO, FLOOR_INCLUDES
+from bridge.bench.contenders import DIFFUSERS_IO, FILTER_INCLUDES, FLOOR_INCLUDES, SKIPPED_INCLUDES
 from bridge.bench.rows import REFERENCE, Row, contender_name, measure
 from bridge.bench.table import format_table
 from bridge.engine import StreamEngine
@@ -70,9 +76,11 @@ def _row_line(row: Row) -> str:
     if not row.available:
         return f"  {row.steps} step(s) {row.cfg_type} {name}: not available ({row.reason})"
     agree = "identical" if row.identical_to_none else f"{row.psnr_db_vs_none} dB vs none"
+    device = "" if row.engine_device_ms is None else f" (device {row.engine_device_ms} ms)"
     return (
-        f"  {row.steps} step(s) {row.cfg_type} {name}: {row.engine_ms} ms ({row.engine_fps} fps), "
-        f"floor {row.floor_ms} ms, diffusers {row.diffusers_ms} ms, warm-up {row.warmup_s} s, {agree}"
+        f"  {row.steps} step(s) {row.cfg_type} {name}: {row.engine_ms} ms{device} ({row.engine_fps} fps), "
+        f"floor {row.floor_ms} ms, diffusers {row.diffusers_ms} ms, warm-up {row.warmup_s} s, {agree}, "
+        f"filter {row.filter_ms} ms, skipped frame {row.skipped_frame_ms} ms"
     )
 
 
@@ -150,12 +158,15 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "warmup": config.warmup,
         "timing": "wall clock per call"
         + (", torch.cuda.synchronize() before the clock stops" if cuda else " (time.perf_counter)"),
+        "device_timing": timing.device_timing(config.device, timing.event_clock(config.device)),
         "path": "uint8 (H, W, 4) host frames in, output_type='uint8' out: the runtime's path, "
         "host-to-device and device-to-host copies included",
         "latency": "latency_ms = frames_in_flight x ms: the stream batch's output for a frame leaves "
         "n - 1 calls after it went in (frames_in_flight = n); sequential and diffusers return the "
         "frame they were given (1)",
         "floor": FLOOR_INCLUDES,
+        "filter": FILTER_INCLUDES,
+        "skipped_frame": SKIPPED_INCLUDES,
         "diffusers_io": DIFFUSERS_IO,
         "matching": "diffusers img2img gets timesteps=[the engine's taus], strength=1.0, guidance_scale=1.0: "
         "n UNet calls of batch 1 at the engine's timesteps vs the engine's one call of batch n",

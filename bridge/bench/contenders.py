@@ -4,17 +4,21 @@ show gets, an (H, W, 4) uint8 array on the host, and returns uint8 pixels on the
 - `floor_call`: the bare forward work of one engine frame, plus the simplest torch code around it
   that a uint8 frame needs on its way in and out;
 - `diffusers_call`: diffusers' own img2img pipeline on the same components, steps matched, prompt
-  embeddings computed once with its own `encode_prompt`.
+  embeddings computed once with its own `encode_prompt`;
+- `screen_call`: the similarity filter's work on a frame, alone (FILTER_INCLUDES);
+- `skipped_frame_call`: a frame the filter skips, end to end (SKIPPED_INCLUDES).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from bridge.engine import StreamEngine
 from bridge.engine.accel import Networks
 from bridge.transports.synthetic import test_pattern
 
@@ -33,6 +37,23 @@ DIFFUSERS_IO = (
     "ends in uint8 pixels (postprocess rounds to uint8); prompt_embeds (and SDXL's "
     "pooled_prompt_embeds) computed once with the pipeline's encode_prompt, no negatives "
     "(guidance_scale=1.0)"
+)
+
+FILTER_INCLUDES = (
+    "StreamEngine.stage_and_screen, the host side of a frame before any device work, as the engine's "
+    "own call runs it: the input checks, the frame's host copy and host-to-device copy, x / 255 and "
+    "the normalisation to [-1, 1] (fp32, then the model dtype), the cosine score against the last "
+    "processed input with its one .item() (a device sync on CUDA), the skip decision and, as the "
+    "frame passes, its copy into the filter's reference. Measured on the moving frame sequence with "
+    "threshold 1.0, so that every frame is scored and none is skipped: the work a processed frame "
+    "does before its UNet call, of which all but the score, the decision and the reference copy is "
+    "also done with the filter off"
+)
+SKIPPED_INCLUDES = (
+    "engine(frame, output_type='uint8') on a still input that the filter skips every time (the same "
+    "frame on every call, threshold 0.0, no limit on skips in a row): the same staging, "
+    "normalisation, score and decision, then the previous output's ring slot returned again (no "
+    "UNet, no VAE, no copy to the host). What a show pays per frame while its input stands still"
 )
 
 
@@ -118,3 +139,24 @@ def diffusers_call(pipe: Any, prompt: str, *, steps: int, timesteps: list[int]) 
         return np.asarray(out.images[0])  # (H, W, 3) uint8
 
     return run
+
+
+def screen_call(engine: StreamEngine, first: Frame) -> Contender:
+    """`engine.stage_and_screen` alone (see FILTER_INCLUDES), the filter switched on with threshold
+    1.0: every frame is scored and passes. `first` is screened once here, untimed, so that the
+    first timed frame already has a reference to be scored against."""
+    engine.set_similarity_filter(enabled=True, threshold=1.0)
+    engine.stage_and_screen(first)
+    return engine.stage_and_screen
+
+
+def skipped_frame_call(engine: StreamEngine, still: Frame) -> Contender:
+    """`engine`'s uint8 call on `still`, whatever frame the rotation hands it, with the filter set
+    to skip every repeat of it (see SKIPPED_INCLUDES). A repeat scores 1.0 (to within a rounding),
+    so with threshold 0.0 it is skipped with probability 1 - 1e-7 or more; the seeded decisions
+    make that reproducible, and `measure` checks afterwards that every timed call was skipped.
+    `still` is processed once here, untimed, so that there is an output to return again."""
+    engine.set_similarity_filter(enabled=True, threshold=0.0, max_skip=sys.maxsize)
+    engine.similarity.seed(0)
+    engine(still, output_type="uint8")
+    return lambda _frame: engine(still, output_type="uint8")

@@ -1,10 +1,11 @@
 """One (steps, cfg_type) measurement: every contender in rotation on the same frames.
 
 The contenders are one engine per acceleration, the engine's sequential reference, diffusers'
-img2img and the bare forward floor (one per set of networks the engines run: eager, compiled).
-Each gets the same sequence of uint8 frames (frame k of the sequence at its k-th call, warm-up
-calls included), so engines that start from the same `prepare` hold the same state at every call
-and their outputs can be compared frame by frame.
+img2img, the bare forward floor (one per set of networks the engines run: eager, compiled), and
+the similarity filter's two costs: its work alone, and a skipped frame end to end. Each gets the
+same sequence of uint8 frames (frame k of the sequence at its k-th call, warm-up calls included),
+so engines that start from the same `prepare` hold the same state at every call and their outputs
+can be compared frame by frame; the skipped frame alone keeps to its one still frame.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ import numpy as np
 import torch
 
 from bridge.acceleration import DEFAULT_COMPILE_MODE
+from bridge.bench import timing
 from bridge.bench.compare import agreement
 from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
-from bridge.bench.contenders import Contender, bench_frames, device_sync, diffusers_call, floor_call
+from bridge.bench.contenders import (
+    Contender,
+    bench_frames,
+    device_sync,
+    diffusers_call,
+    floor_call,
+    screen_call,
+    skipped_frame_call,
+)
 from bridge.engine import StreamEngine
 from bridge.engine.accel import Acceleration
 
@@ -75,7 +85,10 @@ class Row:
     Throughput is ms per call and fps = 1000 / ms. Latency is frames_in_flight x ms: the stream
     batch's output for a frame leaves n - 1 calls after it went in (n = steps), so its frames in
     flight are n; sequential and diffusers return the frame they were given (1). The engine
-    figures are None where the acceleration cannot run here (`available` False, `reason`)."""
+    figures are None where the acceleration cannot run here (`available` False, `reason`).
+    Every `*_ms` time is wall clock; its `*_device_ms` twin is the CUDA events' time of the same
+    calls, None without CUDA (bridge.bench.timing). `filter_ms` and `skipped_frame_ms` are the
+    same for every acceleration of a (steps, cfg_type): the filter runs on the host, eagerly."""
 
     steps: int
     cfg_type: str
@@ -110,10 +123,24 @@ class Row:
     psnr_db_vs_none: float | None  # inexact accelerations; None when identical (infinite) or not run
     compared_frames: int
     skip_rate_static: float
+    filter_ms: float  # stage + normalise + score + decision of a frame that passes (FILTER_INCLUDES)
+    skipped_frame_ms: float  # a frame the filter skips, end to end (SKIPPED_INCLUDES)
+    engine_device_ms: float | None
+    sequential_device_ms: float | None
+    diffusers_device_ms: float | None
+    floor_device_ms: float | None
+    filter_device_ms: float | None
+    skipped_frame_device_ms: float | None
 
 
 def _median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000.0, 3)
+
+
+def _median_device_ms(samples: list[float | None]) -> float | None:
+    if not samples or any(value is None for value in samples):
+        return None
+    return round(statistics.median(value for value in samples if value is not None), 3)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -127,7 +154,8 @@ def measure(
     with `compile` once per mode in `config.compile_modes`."""
     t_index = T_INDEX_PRESETS[steps]
     n = len(t_index)
-    sync = device_sync(config.device)
+    clock = timing.event_clock(config.device)  # None: no device time here
+    sync = clock.synchronize if clock is not None else device_sync(config.device)
     frames = bench_frames(size)
 
     def engine_of(acceleration: str, *, batch: bool = True, mode: str | None = None) -> StreamEngine:
@@ -190,16 +218,21 @@ def measure(
             )
         floor_of[acc] = name
     taus = [999 - 20 * i for i in t_index]
+    # The similarity filter's work alone, on the moving frames; a skipped frame, on a still one.
+    still = engine_of("none")
     contenders: dict[str, Contender] = {
         **{f"engine[{acc}]": _uint8_call(engine) for acc, engine in engines.items()},
         "sequential": _uint8_call(sequential),
         "diffusers": diffusers_call(pipe, PROMPT, steps=steps, timesteps=taus),
         **{f"floor[{name}]": call for name, call in floors.items()},
+        "filter": screen_call(engine_of("none"), frames[-1]),
+        "skipped_frame": skipped_frame_call(still, frames[0]),
     }
 
     # 3. All in rotation, each on its own next frame of the same sequence.
     calls = dict.fromkeys(contenders, 0)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
+    device_samples: dict[str, list[float | None]] = {name: [] for name in contenders}
     outputs: dict[str, list[np.ndarray]] = {acc: [] for acc in engines}
 
     # cudnn_benchmark is cuDNN's process-wide switch: on only while its own engine runs.
@@ -208,25 +241,31 @@ def measure(
         {f"engine[{v.label}]": Acceleration.parse(v.acceleration).cudnn_benchmark for v in contending}
     )
 
-    def call(name: str) -> tuple[float, Any]:
+    def call(name: str) -> timing.Timed:
         frame = frames[calls[name] % len(frames)]
         calls[name] += 1
         torch.backends.cudnn.benchmark = cudnn[name]
-        start = time.perf_counter()
-        out = contenders[name](frame)
-        sync()
-        return time.perf_counter() - start, out
+        return timing.time_call(contenders[name], frame, clock=clock, wait=sync)
 
     for _ in range(config.warmup):
         for name in contenders:
             call(name)
     for _ in range(config.repeats):
         for name in contenders:
-            seconds, out = call(name)
-            samples[name].append(seconds)
+            timed = call(name)
+            samples[name].append(timed.seconds)
+            device_samples[name].append(timed.device_ms)
             if name.startswith("engine["):
-                outputs[name[len("engine[") : -1]].append(np.array(out))  # the ring slot is reused
+                outputs[name[len("engine[") : -1]].append(np.array(timed.output))  # the ring slot is reused
     ms = {name: _median_ms(values) for name, values in samples.items()}
+    device_ms = {name: _median_device_ms(values) for name, values in device_samples.items()}
+    # Every call timed as a skipped frame must have been one (its first, untimed, was processed).
+    processed = still.stats.frames - 1 - still.stats.skipped
+    if processed:
+        raise RuntimeError(
+            f"the skipped-frame timing processed {processed} of its {still.stats.frames - 1} calls "
+            "instead of skipping them: skipped_frame_ms would not be a skipped frame's time"
+        )
 
     # 4. The similarity filter on a still input (eager engine).
     static = engine_of("none")
@@ -281,6 +320,14 @@ def measure(
                 psnr_db_vs_none=psnr,
                 compared_frames=compared,
                 skip_rate_static=skip_rate,
+                filter_ms=ms["filter"],
+                skipped_frame_ms=ms["skipped_frame"],
+                engine_device_ms=device_ms.get(f"engine[{acc}]"),
+                sequential_device_ms=device_ms["sequential"],
+                diffusers_device_ms=device_ms["diffusers"],
+                floor_device_ms=device_ms[f"floor[{floor_of[acc]}]"] if acc in floor_of else None,
+                filter_device_ms=device_ms["filter"],
+                skipped_frame_device_ms=device_ms["skipped_frame"],
             )
         )
     return rows

@@ -12,6 +12,7 @@ _COLUMNS = (
     ("acceleration", "acceleration"),
     ("compile_mode", "compile_mode"),
     ("engine_ms", "engine_ms"),
+    ("engine_device_ms", "device_ms"),
     ("engine_fps", "fps"),
     ("frames_in_flight", "in_flight"),
     ("latency_ms", "latency_ms"),
@@ -23,6 +24,8 @@ _COLUMNS = (
     ("warmup_s", "warmup_s"),
     ("agreement", "vs_none"),
     ("skip_rate_static", "skip_static"),
+    ("filter_ms", "filter_ms"),
+    ("skipped_frame_ms", "skipped_ms"),
 )
 
 
@@ -93,6 +96,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"(compile modes {' '.join(report['compile_modes'])}); latency = frames in flight x ms"
     )
     lines = [head, *_engine_lines(report)]
+    lines.append(
+        "filter_ms: the similarity filter's work on a frame that passes (stage, normalise, score, "
+        "decision, reference copy); skipped_ms: a frame it skips, end to end (a still input)"
+    )
+    if report["device_timing"].startswith("not taken"):
+        lines.append(f"device_ms: {report['device_timing']}")
+    else:
+        lines.append("device_ms: CUDA events around each engine call, beside its wall-clock engine_ms")
     targets = report["targets"]
     steps_min = ", ".join(f"{v}x at {k} steps" for k, v in targets["speedup_vs_diffusers_min"].items())
     lines.append(

@@ -486,9 +486,8 @@ class StreamEngine:
         #    here (a skip replays nothing); draw the CPU-generator noise the frame needs.
         staging = None
         if image is not None:
-            staging = self._inputs.stage(image)
-            staging.normalise()  # pixels in [-1, 1]; flat32 holds the same in fp32
-            if self.similarity.should_skip(staging.flat32) and self._has_output:
+            staging, skip = self.stage_and_screen(image)
+            if skip:
                 self.stats.skipped += 1
                 return self._output(output_type)
         self._draw_noise(staging)
@@ -512,6 +511,17 @@ class StreamEngine:
 
         # 8. Out: the ring's next host slot (the one device-to-host copy), or a copy.
         return self._output(output_type)
+
+    def stage_and_screen(self, image: Tensor | np.ndarray) -> tuple[InputStaging, bool]:
+        """Step 1 of a frame with an input, on the host: stage `image` (as `__call__` takes it),
+        normalise it to the encoder's pixels, then ask the similarity filter whether the frame
+        is skipped (never before a first output exists). Returns the staging and the decision.
+
+        `__call__` runs exactly this; `sdbridge bench` times it alone. With the filter on, it
+        reads one scalar (the score), and a frame that passes becomes the filter's reference."""
+        staging = self._inputs.stage(image)
+        staging.normalise()  # pixels in [-1, 1]; flat32 holds the same in fp32
+        return staging, self.similarity.should_skip(staging.flat32) and self._has_output
 
     def _frame(self, staging: InputStaging | None, *, finish: bool) -> None:
         """The device side of one frame: what a captured graph holds. Reads the staged pixels
