@@ -197,7 +197,16 @@ def acceleration_notes(
         from bridge.engine.accel.engine_networks import ENGINE_CACHE
 
         root = Path(e.cache_dir).expanduser() / ENGINE_CACHE
-        for folder, reason, retried in EngineCache(root).recorded_failures():
+        cache = EngineCache(root)
+        stale = cache.stale_folders()
+        if stale:
+            size = sum(f.stat().st_size for folder in stale for f in folder.rglob("*") if f.is_file())
+            notes.append(
+                f"tensorrt: {len(stale)} engine folder(s) under {root} were written by an older version of "
+                f"the engine cache and are never read again ({size / 2**20:.0f} MiB); delete them to free "
+                f"the space: {', '.join(f.name for f in stale[:3])}{', ...' if len(stale) > 3 else ''}"
+            )
+        for folder, reason, retried in cache.recorded_failures():
             until = (
                 "for now; the next start builds it again" if retried else f"until {root / folder} is deleted"
             )

@@ -21,7 +21,10 @@ is not in those sources, the fake's wording is its own.
   inconsistent with other shapes.") (pyCore.cpp opt_profile_set_shape);
   `add_optimization_profile` returns -1 for an invalid profile;
 - `set_timing_cache` returns False for a cache from another version/device
-  (pyCoreDoc.h set_timing_cache); `create_timing_cache(b"")` makes a new cache;
+  (pyCoreDoc.h set_timing_cache); `create_timing_cache(b"")` makes a new cache, and one from
+  bytes that are no timing cache logs TensorRT's serialization error ("Magic tag does not
+  match", then "The timing cache will not be used!", as NVIDIA/TensorRT#3566 shows it) and
+  returns None (the C++ createTimingCache's nullptr);
 - `ITimingCache.combine(input_cache, ignore_mismatch)` appends the input's entries, skipping
   those it has already, and returns True; a cache from another TensorRT version is skipped and
   it returns False, and one from another device too unless `ignore_mismatch` (pyCoreDoc.h
@@ -102,15 +105,19 @@ class FakeStreams:
     def __init__(self, handle: int, calls: list[tuple[Any, ...]] | None = None) -> None:
         self.handle = handle
         self.calls: list[tuple[Any, ...]] = calls if calls is not None else []
+        self.forked = False  # TorchStreams makes its private stream at the first fork
 
     def current(self) -> int:
         return self.handle
 
     def fork(self) -> int:
+        self.forked = True
         self.calls.append(("fork", self.handle, self.PRIVATE))  # the private stream waits for current
         return self.PRIVATE
 
     def join(self) -> None:
+        if not self.forked:  # as TorchStreams.join: there is no private stream to wait for yet
+            raise RuntimeError("join() before fork(): there is no private stream to wait for")
         self.calls.append(("join", self.handle, self.PRIVATE))  # the current stream waits for private
 
 
@@ -322,7 +329,8 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             return True
 
     class BuilderConfig:
-        def __init__(self) -> None:
+        def __init__(self, logger: ILogger) -> None:
+            self.logger = logger
             self.builder_optimization_level = 3
             self.progress_monitor: Any = None
             self.profiles: list[IOptimizationProfile] = []
@@ -344,13 +352,18 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
-        def create_timing_cache(self, serialized_timing_cache: bytes) -> ITimingCache:
+        def create_timing_cache(self, serialized_timing_cache: bytes) -> ITimingCache | None:
             record("create_timing_cache", len(serialized_timing_cache))
             data = bytes(serialized_timing_cache)
             if not data:
                 return ITimingCache(set(), version, m.device_name)
             if not data.startswith(TIMING_MAGIC):
-                return ITimingCache(set(), "invalid", "invalid")
+                for msg in (
+                    "Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match",
+                    "The timing cache will not be used!",
+                ):
+                    _override(self.logger, "log", ILogger.Severity.ERROR, msg)
+                return None
             body = json.loads(data[len(TIMING_MAGIC) :])
             return ITimingCache(set(body["keys"]), body["version"], body["device"])
 
@@ -373,7 +386,7 @@ def make_fake_tensorrt(version: str = "11.1.0") -> Any:
             return NetworkDefinition(flags)
 
         def create_builder_config(self) -> BuilderConfig:
-            return BuilderConfig()
+            return BuilderConfig(self.logger)
 
         def create_optimization_profile(self) -> IOptimizationProfile:
             return IOptimizationProfile()

@@ -262,6 +262,36 @@ def test_doctor_says_where_tensorrt_will_fall_back(tmp_path: Path) -> None:
     )
 
 
+def test_doctor_names_engine_folders_of_an_older_cache_format(tmp_path: Path) -> None:
+    """A KEY_FORMAT change leaves the old folders behind: no key reads them again, so their
+    failure records no longer speak for any component, and doctor says they can go."""
+    from bridge.engine.accel.engine_cache import KEY_FORMAT
+
+    old_plan = tmp_path / ENGINE_CACHE / "unet-00000000old"
+    old_plan.mkdir(parents=True)
+    (old_plan / "key.json").write_text(json.dumps({"format": KEY_FORMAT - 1, "component": "unet"}))
+    (old_plan / "engine.plan").write_bytes(b"\0" * 3 * 2**20)
+    old_failure = tmp_path / ENGINE_CACHE / "vae_encoder-0000000old"
+    old_failure.mkdir(parents=True)
+    (old_failure / "failed.json").write_text(
+        json.dumps({"reason": "BuildFailed: old", "key": {"format": KEY_FORMAT - 1}})
+    )
+    current = tmp_path / ENGINE_CACHE / "vae_decoder-0000000new"
+    current.mkdir(parents=True)
+    (current / "failed.json").write_text(
+        json.dumps({"reason": "BuildFailed: new", "key": {"format": KEY_FORMAT}})
+    )
+    config = load_config(None, ["engine.acceleration=tensorrt", f"engine.cache_dir={tmp_path}"])
+    verdict = check_config(config, {"cuda": True}, _rows(), trt_info={"installed": True, "version": "10.9"})
+    assert verdict["acceleration_notes"] == [
+        f"tensorrt: 2 engine folder(s) under {tmp_path / ENGINE_CACHE} were written by an older version of "
+        "the engine cache and are never read again (3 MiB); delete them to free the space: "
+        "unet-00000000old, vae_encoder-0000000old",
+        "tensorrt: an earlier build failed (vae_decoder-0000000new: BuildFailed: new); that component runs "
+        f"on the exact torch path until {current} is deleted",
+    ]
+
+
 def test_cuda_graph_is_refused_before_the_model_loads_and_by_doctor() -> None:
     from bridge.config import ConfigError, acceleration_problem
 

@@ -256,13 +256,76 @@ def test_a_timing_cache_from_another_tensorrt_or_gpu_is_not_merged(caplog: pytes
     with caplog.at_level(logging.WARNING):
         assert backend.merge_timing_caches(ours, _timing_cache("10.13.0", "NVIDIA H200", "b")) == ours
         assert backend.merge_timing_caches(ours, _timing_cache("11.1.0", "NVIDIA H100", "b")) == ours
-    assert "the timing cache on disk does not fit this TensorRT/GPU" in caplog.text
+        assert backend.merge_timing_caches(ours, b"\x00 a file cut short") == ours  # TensorRT: None
+    assert "the timing cache on disk is damaged or does not fit this TensorRT/GPU" in caplog.text
     # The fake combines as TensorRT does: another GPU with ignore_mismatch, another version never.
     config = fake.Builder(fake.ILogger()).create_builder_config()
     merged = config.create_timing_cache(ours)
     assert merged.combine(config.create_timing_cache(_timing_cache("11.1.0", "NVIDIA H100", "c")), True)
     assert not merged.combine(config.create_timing_cache(_timing_cache("10.13.0", "NVIDIA H200", "d")), True)
     assert merged.keys == {"a", "c"}
+
+
+TIMING_FILE = "timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache"  # GPU's, TensorRT 11.1.0's
+
+
+def test_a_damaged_timing_cache_on_disk_costs_no_engine(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are no timing cache (a file cut short): TensorRT's create_timing_cache gives
+    None for them. The build starts a new cache, the engine is ready, and the file then holds
+    this build's timings alone."""
+    fake = make_fake_tensorrt()
+    path = tmp_path / TIMING_FILE
+    path.write_bytes(b"\x00 a file cut short")
+    with caplog.at_level(logging.WARNING):
+        report = _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1,))], tmp_path, fake)
+    assert report.ok, report.fallbacks
+    assert "the stored timing cache is damaged or does not fit this TensorRT/GPU" in caplog.text
+    assert "Magic tag does not match" in caplog.text  # TensorRT's own error, through our logger
+    assert fake.timing_hits == [0]
+    assert any("latents" in k for k in _timing_keys(path.read_bytes()))
+
+
+def test_timings_that_cannot_be_stored_cost_no_engine(
+    tiny_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The timing cache only speeds up later builds. Its lock held past the wait, or a merge
+    that raises, is logged; the engine just built is ready, and its ONNX is cleaned up."""
+    from filelock import FileLock
+
+    fake = make_fake_tensorrt()
+    held = FileLock(str(tmp_path / (TIMING_FILE + ".lock")))
+    held.acquire()
+    try:
+        with caplog.at_level(logging.WARNING):
+            report = _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1,))], tmp_path, fake, lock_timeout_s=1.0)
+    finally:
+        held.release()
+    assert report.ok, report.fallbacks
+    assert "timings were not stored (CacheLockTimeout" in caplog.text
+    assert not (tmp_path / TIMING_FILE).exists()
+    assert not [p for p in tmp_path.glob("vae_decoder-*/onnx/*")]  # the ONNX is gone all the same
+
+    class MergeFails(TensorRTBackend):
+        def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
+            raise RuntimeError("the builder could not be made")
+
+    (tmp_path / TIMING_FILE).write_bytes(_timing_cache("11.1.0", "NVIDIA H200", "an older build's"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        report = prepare_engines(
+            tiny_pipe,
+            [vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))],
+            model="tiny",
+            cache_root=tmp_path,
+            backend=MergeFails(fake, streams=FakeStreams(STREAM)),
+            device=GPU,
+            bars=False,
+        )
+    assert report.ok, report.fallbacks
+    assert "merging into the timing cache" in caplog.text and "the builder could not be made" in caplog.text
+    assert any("pixels" in k for k in _timing_keys((tmp_path / TIMING_FILE).read_bytes()))  # ours, alone
 
 
 def test_binding_is_by_address_on_the_static_buffers(tiny_pipe: Any, tmp_path: Path) -> None:
@@ -355,9 +418,15 @@ def test_torch_streams_order_the_private_stream_between_torch_s_work() -> None:
     assert streams.current() == DEFAULT_STREAM  # torch's stream outside any stream context
     x = torch.empty(1 << 24, device=device)
     y = torch.empty_like(x)
+    # A GPU-side sleep (about 25 ms) in front of the work on each side makes the race certain:
+    # without the fork's wait the private stream reads x before fill_ ran, and without the
+    # join's wait the sum reads y before mul ran.
+    spin = 50_000_000  # clock cycles
     for k in range(1, 4):
+        torch.cuda._sleep(spin)
         x.fill_(float(k))  # on the default stream
         with torch.cuda.stream(torch.cuda.ExternalStream(streams.fork())):
+            torch.cuda._sleep(spin)
             torch.mul(x, 2.0, out=y)  # on the private stream, as the engine's enqueue
         streams.join()
         assert float(y.sum()) == 2.0 * k * x.numel()  # read back on the default stream

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -39,6 +40,8 @@ import torch
 from torch import nn
 
 from bridge.engine.accel.onnx_export import ExportSpec
+
+log = logging.getLogger(__name__)
 
 KEY_FORMAT = 2  # bump when the key's fields change meaning (2: the model's name left the key)
 MODEL_NOTE = "model (for people; not part of the key)"  # its entry in key.json and failed.json
@@ -222,11 +225,25 @@ class EngineCache:
         record = FailureRecord.read(self.failure_path(key))
         return None if record is None or record.retried else record.describe()
 
+    def stale_folders(self) -> list[Path]:
+        """Engine folders written under another KEY_FORMAT: no key of this version names them,
+        so nothing reads them again (a plan is GBs for a real UNet; `doctor` says so)."""
+        stale = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            written = _key_format(folder)
+            if written is not None and written != KEY_FORMAT:
+                stale.append(folder)
+        return stale
+
     def recorded_failures(self) -> list[tuple[str, str, bool]]:
         """(folder name, reason, retried) of every failed build or load recorded here (for
-        `doctor`); `retried`: a temporary failure the next start builds again."""
+        `doctor`); `retried`: a temporary failure the next start builds again. Records in
+        `stale_folders` are left out: no key reads them."""
         found = []
+        stale = set(self.stale_folders())
         for path in sorted(self.root.glob("*/failed.json")) if self.root.is_dir() else []:
+            if path.parent in stale:
+                continue
             record = FailureRecord.read(path)
             if record is not None:
                 found.append((path.parent.name, record.describe(), record.retried))
@@ -276,7 +293,18 @@ class EngineCache:
         lock = path.with_name(path.name + ".lock")
         with _held(lock, "timing cache", "a build storing its timings?", timeout_s=timeout_s, cancel=cancel):
             theirs = path.read_bytes() if path.is_file() else b""
-            write_atomic(path, merge(data, theirs) if theirs else data)
+            merged = data
+            if theirs:
+                try:
+                    merged = merge(data, theirs)
+                except Exception as exc:  # the backend could not read or combine them: ours alone
+                    log.warning(
+                        "merging into the timing cache %s failed (%s: %s); writing this build's alone",
+                        path,
+                        type(exc).__name__,
+                        exc,
+                    )
+            write_atomic(path, merged)
 
     @contextmanager
     def lock(
@@ -287,6 +315,19 @@ class EngineCache:
         folder.mkdir(parents=True, exist_ok=True)
         with _held(folder / ".lock", "engine", "a build in progress?", timeout_s=timeout_s, cancel=cancel):
             yield
+
+
+def _key_format(folder: Path) -> int | None:
+    """The KEY_FORMAT an engine folder was written under (from key.json, else failed.json's
+    key), None where neither says."""
+    for name, inner in (("key.json", False), ("failed.json", True)):
+        try:
+            record = json.loads((folder / name).read_text(encoding="utf-8"))
+            fields = record["key"] if inner else record
+            return int(fields["format"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 @contextmanager

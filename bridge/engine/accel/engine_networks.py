@@ -12,6 +12,7 @@ log, the status and (from the negative cache) `doctor`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -127,13 +128,13 @@ def engine_networks(
     every component falls back with the reason. Never raises for a failed component (only for a
     stop request, `cancel` set: BuildCancelled)."""
     name = getattr(backend, "name", "tensorrt")
+    on = pipe.unet.device  # the engine's device (cuda:N), not the thread's current one
     if backend is None or device is None:
         try:
             from bridge.engine.accel.isolated import ChildProcessBuilds, tensorrt_backend
             from bridge.engine.accel.streams import TorchStreams
             from bridge.engine.accel.tensorrt import TensorRTBackend
 
-            on = pipe.unet.device  # the engine's device (cuda:N), not the thread's current one
             if backend is None:
                 # Loads run here (on torch's stream of the engine's device); builds run in a
                 # child process, so that a crash in the builder cannot end the bridge.
@@ -158,14 +159,17 @@ def engine_networks(
         vae_encoder_spec(pipe.vae, width=width, height=height, rows=(f,)),
         vae_decoder_spec(pipe.vae, width=width, height=height, rows=(f,)),
     ]
-    report = prepare_engines(
-        pipe,
-        specs,
-        model=model,
-        cache_root=Path(cache_dir).expanduser() / ENGINE_CACHE,
-        backend=backend,
-        device=device,
-        cancel=cancel,
-        bars=bars,
-    )
+    # TensorRT loads (and combines timing caches) on the thread's current CUDA device: make it
+    # the engine's (cuda:N), or the engines would land on cuda:0.
+    with torch.cuda.device(on) if on.type == "cuda" else contextlib.nullcontext():
+        report = prepare_engines(
+            pipe,
+            specs,
+            model=model,
+            cache_root=Path(cache_dir).expanduser() / ENGINE_CACHE,
+            backend=backend,
+            device=device,
+            cancel=cancel,
+            bars=bars,
+        )
     return EngineNetworks(pipe, report, name=name)

@@ -143,6 +143,35 @@ def prepare_engines(
     return report
 
 
+def _store_timings(
+    cache: EngineCache,
+    key: EngineKey,
+    timing: bytes,
+    backend: Backend,
+    *,
+    timeout_s: float,
+    cancel: threading.Event | None,
+) -> None:
+    """Merge a build's timings into the shared timing cache. They only speed up later builds:
+    a failure here (the file's lock held too long, a full disk) is logged, never the failure of
+    the engine just built. A stop request while waiting for the lock is a stop."""
+    try:
+        cache.write_timing_cache(
+            key, timing, merge=backend.merge_timing_caches, timeout_s=timeout_s, cancel=cancel
+        )
+    except Exception as exc:
+        if cancel is not None and cancel.is_set():
+            raise BuildCancelled(
+                f"stopped while storing the {key.spec.component.value} build's timings"
+            ) from exc
+        log.warning(
+            "the %s build's timings were not stored (%s: %s); later builds time those layers again",
+            key.spec.component.value,
+            type(exc).__name__,
+            exc,
+        )
+
+
 def _prepare_one(
     pipe: Any,
     key: EngineKey,
@@ -182,11 +211,9 @@ def _prepare_one(
                 _record(cache, key, exc)
                 raise
             cache.write_plan(key, plan)
-            cache.write_timing_cache(
-                key, timing, merge=backend.merge_timing_caches, timeout_s=lock_timeout_s, cancel=cancel
-            )
             for leftover in cache.onnx_path(key).parent.iterdir():
                 leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
+            _store_timings(cache, key, timing, backend, timeout_s=lock_timeout_s, cancel=cancel)
         else:
             log.info("loading the %s %s engine from %s", backend.name, title, cache.plan_path(key))
         try:

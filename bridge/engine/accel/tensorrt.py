@@ -172,10 +172,12 @@ class TensorRTBackend:
             if config.add_optimization_profile(profile) < 0:
                 raise BuildFailed(f"TensorRT refused the optimization profile for {rows} rows")
         # 3. The timing cache from earlier builds; one from another TensorRT or GPU is dropped.
+        # create_timing_cache gives None for bytes that are no timing cache (a damaged file).
         cache = config.create_timing_cache(timing_cache)
-        if not config.set_timing_cache(cache, False):
+        if cache is None or not config.set_timing_cache(cache, False):
             log.warning(
-                "%s: the stored timing cache does not fit this TensorRT/GPU; starting a new one", title
+                "%s: the stored timing cache is damaged or does not fit this TensorRT/GPU; starting a new one",
+                title,
             )
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, False)
@@ -193,15 +195,20 @@ class TensorRTBackend:
 
     def merge_timing_caches(self, ours: bytes, theirs: bytes) -> bytes:
         """`theirs` combined into `ours` with `ITimingCache.combine` (entries in both keep ours).
-        A cache from another TensorRT or GPU does not combine (combine returns False): ours alone."""
+        A cache from another TensorRT or GPU does not combine (combine returns False), and a
+        damaged one does not load: ours alone. Run in the bridge's process after the build's
+        child has ended, on the engine's device (prepare_engines runs there): a builder made
+        only to combine two caches, at start-up, before the show."""
         trt = self.trt
         logger = _recording_logger(trt, "timing cache")
         builder = trt.Builder(logger)
         config = builder.create_builder_config()
         merged, other = config.create_timing_cache(ours), config.create_timing_cache(theirs)
-        if other is None or not merged.combine(other, False):
+        # None: bytes that are no timing cache (a damaged file); False: another TensorRT or GPU.
+        if merged is None or other is None or not merged.combine(other, False):
             log.warning(
-                "the timing cache on disk does not fit this TensorRT/GPU (%s); keeping this build's alone",
+                "the timing cache on disk is damaged or does not fit this TensorRT/GPU (%s); "
+                "keeping this build's alone",
                 _errors(logger),
             )
             return ours
