@@ -46,13 +46,12 @@ def test_a_timed_call_reads_the_events_around_it_after_the_sync() -> None:
         device.work(7.25)
         return "out"
 
-    timed = timing.time_call(call, frame, clock=device, wait=device.synchronize)
+    timed = timing.time_call(call, frame, clock=device)
     assert timed.output == "out" and timed.device_ms == 7.25 and timed.seconds > 0
     assert device.synchronizes == 1  # one wait per call: the wall clock's and the events'
     # Without a clock: the wall clock only, and no device time.
-    waits = []
-    plain = timing.time_call(lambda _arg: "out", frame, clock=None, wait=lambda: waits.append(1))
-    assert plain.device_ms is None and plain.output == "out" and waits == [1]
+    plain = timing.time_call(lambda _arg: "out", frame, clock=None)
+    assert plain.device_ms is None and plain.output == "out" and device.synchronizes == 1
 
 
 def test_the_clock_is_cuda_events_on_cuda_only() -> None:
@@ -68,7 +67,7 @@ def test_real_cuda_events_time_a_call() -> None:
     x = torch.randn(2048, 2048, device="cuda")
     clock = timing.CudaEvents()
     for _ in range(3):
-        timed = timing.time_call(lambda a: a @ a, x, clock=clock, wait=clock.synchronize)
+        timed = timing.time_call(lambda a: a @ a, x, clock=clock)
     assert timed.device_ms is not None and 0.0 < timed.device_ms <= timed.seconds * 1000.0 + 0.5
     assert timed.output.shape == (2048, 2048)
 

@@ -40,7 +40,7 @@ DIFFUSERS_IO = (
 )
 
 FILTER_INCLUDES = (
-    "StreamEngine.stage_and_screen, the host side of a frame before any device work, as the engine's "
+    "StreamEngine.stage_and_screen, the eager step before the frame proper (never captured), as the engine's "
     "own call runs it: the input checks, the frame's host copy and host-to-device copy, x / 255 and "
     "the normalisation to [-1, 1] (fp32, then the model dtype), the cosine score against the last "
     "processed input with its one .item() (a device sync on CUDA), the skip decision and, as the "
@@ -55,13 +55,6 @@ SKIPPED_INCLUDES = (
     "normalisation, score and decision, then the previous output's ring slot returned again (no "
     "UNet, no VAE, no copy to the host). What a show pays per frame while its input stands still"
 )
-
-
-def device_sync(device: str) -> Callable[[], None]:
-    """What a timed call waits on before the clock stops: the device's queue on CUDA."""
-    if device.startswith("cuda"):
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def bench_frames(size: int, count: int = 4) -> list[Frame]:

@@ -28,7 +28,6 @@ from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
 from bridge.bench.contenders import (
     Contender,
     bench_frames,
-    device_sync,
     diffusers_call,
     floor_call,
     screen_call,
@@ -88,7 +87,8 @@ class Row:
     figures are None where the acceleration cannot run here (`available` False, `reason`).
     Every `*_ms` time is wall clock; its `*_device_ms` twin is the CUDA events' time of the same
     calls, None without CUDA (bridge.bench.timing). `filter_ms` and `skipped_frame_ms` are the
-    same for every acceleration of a (steps, cfg_type): the filter runs on the host, eagerly."""
+    same for every acceleration of a (steps, cfg_type): the filter runs eagerly before the frame,
+    never captured or compiled."""
 
     steps: int
     cfg_type: str
@@ -155,7 +155,6 @@ def measure(
     t_index = T_INDEX_PRESETS[steps]
     n = len(t_index)
     clock = timing.event_clock(config.device)  # None: no device time here
-    sync = clock.synchronize if clock is not None else device_sync(config.device)
     frames = bench_frames(size)
 
     def engine_of(acceleration: str, *, batch: bool = True, mode: str | None = None) -> StreamEngine:
@@ -193,7 +192,8 @@ def measure(
         start = time.perf_counter()
         try:
             engine.warm_up(frames[0])
-            sync()
+            if clock is not None:
+                clock.synchronize()  # the warm-up's device work is inside warmup_s
         finally:
             torch.backends.cudnn.benchmark = False
         warmup_s[v.label] = round(time.perf_counter() - start, 3)
@@ -245,7 +245,7 @@ def measure(
         frame = frames[calls[name] % len(frames)]
         calls[name] += 1
         torch.backends.cudnn.benchmark = cudnn[name]
-        return timing.time_call(contenders[name], frame, clock=clock, wait=sync)
+        return timing.time_call(contenders[name], frame, clock=clock)
 
     for _ in range(config.warmup):
         for name in contenders:

@@ -1,6 +1,7 @@
 """How one benchmark call is timed: the wall clock always, the device's own clock on CUDA.
 
-A timed call, in this order: the wall clock starts; a start event is recorded on the current
+A timed call, in this order: both events are recorded once (torch makes a CUDA event at its
+first record: that cost stays outside the window); the wall clock starts; a start event is recorded on the current
 stream; the call runs; an end event is recorded on the same stream; the host waits for the
 device (`torch.cuda.synchronize()`, after which both events have completed); the wall clock
 stops; only then is `start.elapsed_time(end)` read, in milliseconds. torch refuses
@@ -87,21 +88,20 @@ class Timed:
     output: Any
 
 
-def time_call(
-    call: Callable[[Any], Any], arg: Any, *, clock: EventClock | None, wait: Callable[[], None]
-) -> Timed:
-    """Time `call(arg)` as the module docstring says. `wait`: how the host waits for the device
-    before the wall clock stops; with a clock, its `synchronize` (which completes the events)."""
+def time_call(call: Callable[[Any], Any], arg: Any, *, clock: EventClock | None) -> Timed:
+    """Time `call(arg)` as the module docstring says. Without a clock (no CUDA) the call is done
+    when it returns: the wall clock alone, and no device time."""
     if clock is None:
         start = time.perf_counter()
         out = call(arg)
-        wait()
         return Timed(time.perf_counter() - start, None, out)
     begin, end = clock.event(), clock.event()
+    for event in (begin, end):
+        event.record()  # torch makes the CUDA event at its first record: not inside the timed window
     start = time.perf_counter()
     begin.record()
     out = call(arg)
     end.record()
-    wait()  # both events complete: elapsed_time may be read
+    clock.synchronize()  # the device is done, and both events have completed: elapsed_time may be read
     seconds = time.perf_counter() - start
     return Timed(seconds, begin.elapsed_time(end), out)

@@ -482,8 +482,9 @@ class StreamEngine:
             raise ValueError(f"output_type must be 'pt', 'uint8' or 'latent', got {output_type!r}")
         self.stats.frames += 1
 
-        # 1. On the host: stage and normalise the input; the similarity filter may end the frame
-        #    here (a skip replays nothing); draw the CPU-generator noise the frame needs.
+        # 1. Before the frame proper (eager, driven from the host): stage and normalise the input;
+        #    the similarity filter may end the frame here (a skip replays nothing); draw the
+        #    CPU-generator noise the frame needs.
         staging = None
         if image is not None:
             staging, skip = self.stage_and_screen(image)
@@ -513,9 +514,10 @@ class StreamEngine:
         return self._output(output_type)
 
     def stage_and_screen(self, image: Tensor | np.ndarray) -> tuple[InputStaging, bool]:
-        """Step 1 of a frame with an input, on the host: stage `image` (as `__call__` takes it),
-        normalise it to the encoder's pixels, then ask the similarity filter whether the frame
-        is skipped (never before a first output exists). Returns the staging and the decision.
+        """Step 1 of a frame with an input, before the frame proper (eager, never captured):
+        stage `image` (as `__call__` takes it; its host-to-device copy), normalise it to the
+        encoder's pixels, then ask the similarity filter whether the frame is skipped (never
+        before a first output exists). Returns the staging and the decision.
 
         `__call__` runs exactly this; `sdbridge bench` times it alone. With the filter on, it
         reads one scalar (the score), and a frame that passes becomes the filter's reference."""
