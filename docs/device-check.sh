@@ -6,8 +6,8 @@
 #  1. tests/test_engine_cuda.py: a real whole-frame capture replays bit for bit what the eager fp16
 #     frame gives (every cfg_type, 1/2/4 steps, live changes, a guidance crossing), and
 #     compile+cuda_graph stays close and compiles nothing after warm-up;
-#  2. the bench's CUDA-event timing and TensorRT's private stream (torch streams only);
-#  3. sdbridge bench, every acceleration side by side, on each architecture in $ARCHES (512²).
+#     with them the bench's CUDA-event timing and TensorRT's private stream (torch streams only);
+#  2. sdbridge bench, every acceleration side by side, on each architecture in $ARCHES (512²).
 # Each step has its own time limit, so one slow step cannot eat the others' time; together they
 # stay under a device call's 600 s (inductor compiles each new UNet batch in about a minute there).
 # PART=modes (a second call, when device time is left) measures instead the two inductor modes
@@ -40,22 +40,19 @@ fi
 # pytest's cache (outside the working tree) keeps the tiny models the first run generates for
 # the second. SIGINT at a time limit makes pytest print what it has; unbuffered, none is lost.
 export PYTHONUNBUFFERED=1
-PYTEST=("$PY" -m pytest -v -rA --durations=0 -o cache_dir=/tmp/pytest-cache tests/test_engine_cuda.py)
+# With the capture tests run the two other real-CUDA checks (seconds): the bench's event timing,
+# and TensorRT's private stream forked from and joined back to torch's (torch only, no TensorRT).
+PYTEST=("$PY" -m pytest -v -rA --durations=0 -o cache_dir=/tmp/pytest-cache tests/test_engine_cuda.py
+    tests/test_bench_timing.py::test_real_cuda_events_time_a_call
+    tests/test_accel_tensorrt.py::test_torch_streams_order_the_private_stream_between_torch_s_work)
 timeout -s INT -k 10 "${TEST_LIMIT_S:-70}" "${PYTEST[@]}" -k "not compile" > "$OUT/test_engine_cuda.txt" 2>&1
 echo "test_engine_cuda (capture) rc=$?" >> "$OUT/summary.txt"
 timeout -s INT -k 10 "${COMPILE_TEST_LIMIT_S:-85}" "${PYTEST[@]}" -k compile > "$OUT/test_engine_cuda_compile.txt" 2>&1
 echo "test_engine_cuda (compile) rc=$?" >> "$OUT/summary.txt"
-# The two other real-CUDA checks: the bench's event timing, and TensorRT's private stream joined
-# back between torch's work (torch streams and events only; no TensorRT needed). A few seconds.
-timeout -s INT -k 10 "${OTHER_TEST_LIMIT_S:-25}" "$PY" -m pytest -v -rA -o cache_dir=/tmp/pytest-cache \
-    "tests/test_bench_timing.py::test_real_cuda_events_time_a_call" \
-    "tests/test_accel_tensorrt.py::test_torch_streams_order_the_private_stream_between_torch_s_work" \
-    > "$OUT/test_other_cuda.txt" 2>&1
-echo "other CUDA tests rc=$?" >> "$OUT/summary.txt"
 
 ACCELS="none cuda_graph compile compile+cuda_graph cuda_graph+channels_last cuda_graph+cudnn_benchmark"
 for arch in $ARCHES; do
-    steps="1 4"; limit=${SD_LIMIT_S:-280}; accels=$ACCELS
+    steps="1 4"; limit=${SD_LIMIT_S:-290}; accels=$ACCELS
     if [ "$arch" = sdxl-turbo ]; then steps="1"; limit=${SDXL_LIMIT_S:-95}; accels="none cuda_graph"; fi
     size=512; if [ "$arch" = tiny ]; then size=128; fi
     # shellcheck disable=SC2086  # the lists split into arguments
