@@ -78,10 +78,13 @@ def test_run_bench_reports_each_contenders_device_time(
     """The bench's events go through the same code as on CUDA, on the stand-in device. Each
     engine call queues 7 ms of device work, each stage_and_screen 0.25 ms (inside the engine's
     call too): every figure must be its own contender's, read after the wait."""
+    import bridge.bench as bench_module
+    import bridge.bench.rows as rows_module
     from bridge.bench import BenchConfig, format_table, run_bench
 
     device = FakeDevice()
-    monkeypatch.setattr(timing, "event_clock", lambda _device: device)
+    for module in (rows_module, bench_module):  # where the bench asks for its clock
+        monkeypatch.setattr(module, "event_clock", lambda _device: device)
     call, screen = StreamEngine.__call__, StreamEngine.stage_and_screen
 
     def engine_call(self: StreamEngine, *args: Any, **kwargs: Any) -> Any:

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 
 from bridge.acceleration import COMPILE_MODES
-from bridge.bench import timing
 from bridge.bench.config import T_INDEX_PRESETS, TARGETS, TINY_BENCH_SIZE, BenchConfig
 from bridge.bench.contenders import DIFFUSERS_IO, FILTER_INCLUDES, FLOOR_INCLUDES, SKIPPED_INCLUDES
 from bridge.bench.rows import REFERENCE, Row, contender_name, measure
 from bridge.bench.table import format_table
+from bridge.bench.timing import device_timing, event_clock
 from bridge.engine import StreamEngine
 from bridge.engine.accel import ACCELERATIONS, Acceleration
 from bridge.engine.fullsize import FULLSIZE_ARCHS, build_fullsize_pipeline
@@ -158,7 +158,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "warmup": config.warmup,
         "timing": "wall clock per call"
         + (", torch.cuda.synchronize() before the clock stops" if cuda else " (time.perf_counter)"),
-        "device_timing": timing.device_timing(config.device, timing.event_clock(config.device)),
+        "device_timing": device_timing(config.device, event_clock(config.device)),
         "path": "uint8 (H, W, 4) host frames in, output_type='uint8' out: the runtime's path, "
         "host-to-device and device-to-host copies included",
         "latency": "latency_ms = frames_in_flight x ms: the stream batch's output for a frame leaves "

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from bridge.acceleration import DEFAULT_COMPILE_MODE
-from bridge.bench import timing
 from bridge.bench.compare import agreement
 from bridge.bench.config import PROMPT, T_INDEX_PRESETS, BenchConfig
 from bridge.bench.contenders import (
@@ -33,6 +32,7 @@ from bridge.bench.contenders import (
     screen_call,
     skipped_frame_call,
 )
+from bridge.bench.timing import Timed, event_clock, time_call
 from bridge.engine import StreamEngine
 from bridge.engine.accel import Acceleration
 
@@ -154,7 +154,7 @@ def measure(
     with `compile` once per mode in `config.compile_modes`."""
     t_index = T_INDEX_PRESETS[steps]
     n = len(t_index)
-    clock = timing.event_clock(config.device)  # None: no device time here
+    clock = event_clock(config.device)  # None: no device time here
     frames = bench_frames(size)
 
     def engine_of(acceleration: str, *, batch: bool = True, mode: str | None = None) -> StreamEngine:
@@ -241,11 +241,11 @@ def measure(
         {f"engine[{v.label}]": Acceleration.parse(v.acceleration).cudnn_benchmark for v in contending}
     )
 
-    def call(name: str) -> timing.Timed:
+    def call(name: str) -> Timed:
         frame = frames[calls[name] % len(frames)]
         calls[name] += 1
         torch.backends.cudnn.benchmark = cudnn[name]
-        return timing.time_call(contenders[name], frame, clock=clock)
+        return time_call(contenders[name], frame, clock=clock)
 
     for _ in range(config.warmup):
         for name in contenders:
