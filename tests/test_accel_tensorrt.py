@@ -64,8 +64,9 @@ def _decoder_runner(pipe: Any, root: Path, fake: Any, rows: tuple[int, ...] = (1
     return _prepare(pipe, [_decoder(pipe, rows=rows)], root, fake).ready[Component.VAE_DECODER].runner
 
 
-def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, **kwargs: Any) -> Any:
-    backend = TensorRTBackend(fake, streams=FakeStreams(STREAM))
+def _prepare(pipe: Any, specs: list[Any], root: Path, fake: Any, backend: Any = None, **kwargs: Any) -> Any:
+    """prepare_engines with TensorRTBackend on `fake` (or `backend`, made on it)."""
+    backend = backend if backend is not None else TensorRTBackend(fake, streams=FakeStreams(STREAM))
     return prepare_engines(
         pipe, specs, model="tiny", cache_root=root, backend=backend, device=GPU, bars=False, **kwargs
     )
@@ -203,15 +204,7 @@ def test_builds_that_overlap_keep_each_other_s_timings(tiny_pipe: Any, tmp_path:
             return built
 
     backend = Overlapped(fake, streams=FakeStreams(STREAM))
-    report = prepare_engines(
-        tiny_pipe,
-        [_decoder(tiny_pipe, rows=(1,))],
-        model="tiny",
-        cache_root=tmp_path,
-        backend=backend,
-        device=GPU,
-        bars=False,
-    )
+    report = _prepare(tiny_pipe, [_decoder(tiny_pipe, rows=(1,))], tmp_path, fake, backend)
     assert report.ok, report.fallbacks
     (path,) = tmp_path.glob("timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache")
     keys = _timing_keys(path.read_bytes())
@@ -314,15 +307,8 @@ def test_timings_that_cannot_be_stored_cost_no_engine(
     (tmp_path / TIMING_FILE).write_bytes(_timing_cache("11.1.0", "NVIDIA H200", "an older build's"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        report = prepare_engines(
-            tiny_pipe,
-            [vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))],
-            model="tiny",
-            cache_root=tmp_path,
-            backend=MergeFails(fake, streams=FakeStreams(STREAM)),
-            device=GPU,
-            bars=False,
-        )
+        encoder = vae_encoder_spec(tiny_pipe.vae, width=SIZE, height=SIZE, rows=(1,))
+        report = _prepare(tiny_pipe, [encoder], tmp_path, fake, MergeFails(fake, streams=FakeStreams(STREAM)))
     assert report.ok, report.fallbacks
     assert "merging into the timing cache" in caplog.text and "the builder could not be made" in caplog.text
     assert any("pixels" in k for k in _timing_keys((tmp_path / TIMING_FILE).read_bytes()))  # ours, alone
@@ -366,15 +352,7 @@ def test_on_the_default_stream_the_engine_runs_on_a_private_stream_joined_back(
         ("join", 0, FakeStreams.PRIVATE),
     )
     with caplog.at_level(logging.WARNING):
-        report = prepare_engines(
-            tiny_pipe,
-            [_decoder(tiny_pipe)],
-            model="tiny",
-            cache_root=tmp_path,
-            backend=backend,
-            device=GPU,
-            bars=False,
-        )
+        report = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, fake, backend)
     assert report.ok, report.fallbacks
     assert "Using default stream in enqueueV3()" not in caplog.text
     # Validation bound and ran both profiles: each stream call between its own fork and join.
