@@ -387,6 +387,20 @@ def test_on_the_default_stream_the_engine_runs_on_a_private_stream_joined_back(
     assert fake.calls == [fork, join]  # torch's stream is joined back even when the call raises
 
 
+@pytest.mark.parametrize(("handle", "forked"), [(0, True), (1, True), (2, True), (3, False), (STREAM, False)])
+def test_every_default_stream_handle_forks_and_a_stream_of_its_own_does_not(handle: int, forked: bool) -> None:
+    """CUDA reserves three handles for default streams: 0 (the null stream), 1
+    (cudaStreamLegacy, the same one) and 2 (cudaStreamPerThread). Each goes to the private
+    stream; any other handle, such as a graph's capture stream, takes the call itself."""
+    streams = FakeStreams(handle)
+    taken = enqueue(streams, lambda stream: stream)
+    if forked:
+        assert taken == FakeStreams.PRIVATE
+        assert streams.calls == [("fork", handle, FakeStreams.PRIVATE), ("join", handle, FakeStreams.PRIVATE)]
+    else:
+        assert taken == handle and streams.calls == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 def test_torch_streams_order_the_private_stream_between_torch_s_work() -> None:
     """TorchStreams on a GPU: work enqueued by handle on the forked stream (as TensorRT's) sees

@@ -5,7 +5,10 @@ TensorRT documents that enqueueing on the default stream "may lead to performanc
 additional cudaDeviceSynchronize() calls by TensorRT to ensure correct synchronizations. Please
 use non-default stream instead" (NvInferRuntime.h enqueueV3; pyCoreDoc.h execute_async_v3), and
 logs "Using default stream in enqueueV3() ..." when it is given one. Outside a captured graph,
-torch's current stream usually is that stream (handle 0). So `enqueue` forks: a private stream
+torch's current stream usually is that stream (handle 0). The two other handles CUDA reserves,
+`cudaStreamLegacy` (1, the same stream by another name) and `cudaStreamPerThread` (2, which a
+build with per-thread default streams hands out), are treated alike: a fork costs two event
+records, a default stream handed to TensorRT costs device syncs. So `enqueue` forks: a private stream
 of the engine's device waits for torch's stream (an event), takes the call, and torch's stream
 waits for it afterwards (another event). Work around the call keeps its order, and no host sync
 is added. Any other stream (the capture stream while a frame graph is captured, a user's stream)
@@ -22,6 +25,8 @@ from typing import Protocol, TypeVar
 import torch
 
 DEFAULT_STREAM = 0  # the handle torch reports for the legacy default (null) stream
+DEFAULT_STREAMS = frozenset({DEFAULT_STREAM, 1, 2})
+"""The null stream, cudaStreamLegacy and cudaStreamPerThread (CUDA's driver_types.h)."""
 
 T = TypeVar("T")
 
@@ -45,10 +50,10 @@ class Streams(Protocol):
 
 
 def enqueue(streams: Streams, call: Callable[[int], T]) -> T:
-    """`call(handle)` on torch's current stream, or, where that is the default stream, on the
+    """`call(handle)` on torch's current stream, or, where that is a default stream, on the
     private stream between a fork and a join (the join also when `call` raises)."""
     current = streams.current()
-    if current != DEFAULT_STREAM:
+    if current not in DEFAULT_STREAMS:
         return call(current)
     private = streams.fork()
     try:
