@@ -5,14 +5,17 @@ engine, the runtime's status and `doctor`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from bridge.config import load_config
 from bridge.doctor import check_config
@@ -81,6 +84,45 @@ def test_engines_run_the_frame_through_static_buffers(tiny_pipe: Any, ort_networ
     pointers = {key: out.data_ptr() for key, (_ins, out) in nets._slots.items()}
     engine(pattern_uint8(7, SIZE), output_type="uint8")
     assert pointers == {key: out.data_ptr() for key, (_ins, out) in nets._slots.items()}
+
+
+def test_each_engine_call_binds_and_runs_with_the_engine_s_device_current(
+    tiny_pipe: Any, ort_networks: EngineNetworks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT runs on the thread's current CUDA device, torch's ops on their tensors' one: an
+    engine on cuda:1 called with cuda:0 current must be switched to cuda:1 around every bind and
+    run (eager frames too, not only a graph's replay)."""
+    events: list[tuple[str, Any]] = []
+    current: list[Any] = []
+
+    @contextlib.contextmanager
+    def guard(device: torch.device) -> Iterator[None]:
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    nets = EngineNetworks(tiny_pipe, ort_networks.report, name="guarded", device_guard=guard)
+    for component in (Component.UNET, Component.VAE_ENCODER, Component.VAE_DECODER):
+        runner = nets.report.ready[component].runner
+        for method in ("bind", "run"):
+            original = getattr(runner, method)
+
+            def recorded(*args: Any, _original: Any = original, _name: str = method) -> Any:
+                events.append((_name, current[-1] if current else None))
+                return _original(*args)
+
+            monkeypatch.setattr(runner, method, recorded)
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, cfg_type="full", acceleration="tensorrt", networks=nets
+    )
+    engine.prepare("a cat", negative_prompt="blurry", guidance_scale=1.8, seed=2)
+    for k in range(2):
+        engine(pattern_uint8(k, SIZE), output_type="uint8")
+    assert [name for name, _ in events].count("run") == 2 * 3  # encoder, UNet, decoder per frame
+    assert {name for name, _ in events} == {"bind", "run"}
+    assert all(device == tiny_pipe.unet.device for _, device in events), events
 
 
 def test_a_step_count_without_a_profile_runs_the_unet_in_torch_and_says_so(

@@ -388,7 +388,9 @@ def test_on_the_default_stream_the_engine_runs_on_a_private_stream_joined_back(
 
 
 @pytest.mark.parametrize(("handle", "forked"), [(0, True), (1, True), (2, True), (3, False), (STREAM, False)])
-def test_every_default_stream_handle_forks_and_a_stream_of_its_own_does_not(handle: int, forked: bool) -> None:
+def test_every_default_stream_handle_forks_and_a_stream_of_its_own_does_not(
+    handle: int, forked: bool
+) -> None:
     """CUDA reserves three handles for default streams: 0 (the null stream), 1
     (cudaStreamLegacy, the same one) and 2 (cudaStreamPerThread). Each goes to the private
     stream; any other handle, such as a graph's capture stream, takes the call itself."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,26 @@ log = logging.getLogger(__name__)
 
 ENGINE_CACHE = "engines"  # under the model cache
 
+DeviceGuard = Callable[[torch.device], AbstractContextManager[Any]]
+
+
+def on_device(device: torch.device) -> AbstractContextManager[Any]:
+    """Make `device` the thread's current CUDA device meanwhile (nothing for the CPU). TensorRT
+    works on the current device, where torch's own ops follow their tensors: an engine on cuda:1
+    called from a thread whose current device is cuda:0 must be switched to it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 class EngineNetworks(Networks):
-    """`Networks` whose ready components run as built engines; the rest stay torch."""
+    """`Networks` whose ready components run as built engines; the rest stay torch.
+    `device_guard` makes the engine's device current around each engine call (a test seam)."""
 
-    def __init__(self, pipe: Any, report: EngineReport, *, name: str) -> None:
+    def __init__(
+        self, pipe: Any, report: EngineReport, *, name: str, device_guard: DeviceGuard = on_device
+    ) -> None:
         super().__init__(pipe, name=name)
         self.report = report
+        self._device_guard = device_guard
         self.fallbacks: dict[str, str] = {c.value: reason for c, reason in report.fallbacks.items()}
         self._slots: dict[tuple[Component, int], tuple[list[Tensor], Tensor]] = {}
         self._dtypes = {
@@ -70,25 +84,28 @@ class EngineNetworks(Networks):
 
     def _run(self, prepared: Prepared, named: dict[str, Tensor]) -> Tensor:
         """Copy the call's tensors into the static inputs (casting the UNet's int timesteps to
-        the engine's float32), run, and return the static output (valid until the next call)."""
+        the engine's float32), run, and return the static output (valid until the next call).
+        Binds and runs with the engine's device current (`device_guard`)."""
         spec = prepared.spec
-        rows = next(iter(named.values())).shape[0]
-        slot = self._slots.get((spec.component, rows))
-        if slot is None:  # once per row count, before any capture (warm-up runs eagerly first)
-            device = next(iter(named.values())).device
-            dtype = self._dtypes[spec.component]
-            inputs = [
-                torch.empty(s.concrete(rows), dtype=s.resolved_dtype(dtype), device=device)
-                for s in spec.inputs
-            ]
-            out_spec = spec.outputs[0]
-            output = torch.empty(out_spec.concrete(rows), dtype=out_spec.resolved_dtype(dtype), device=device)
-            prepared.runner.bind(rows, inputs, [output])
-            slot = self._slots[(spec.component, rows)] = (inputs, output)
-        inputs, output = slot
-        for tspec, buffer in zip(spec.inputs, inputs, strict=True):
-            buffer.copy_(named[tspec.name])
-        prepared.runner.run(rows)
+        first = next(iter(named.values()))
+        rows, device = first.shape[0], first.device
+        with self._device_guard(device):
+            slot = self._slots.get((spec.component, rows))
+            if slot is None:  # once per row count, before any capture (warm-up runs eagerly first)
+                dtype = self._dtypes[spec.component]
+                inputs = [
+                    torch.empty(s.concrete(rows), dtype=s.resolved_dtype(dtype), device=device)
+                    for s in spec.inputs
+                ]
+                out_spec = spec.outputs[0]
+                out_dtype = out_spec.resolved_dtype(dtype)
+                output = torch.empty(out_spec.concrete(rows), dtype=out_dtype, device=device)
+                prepared.runner.bind(rows, inputs, [output])
+                slot = self._slots[(spec.component, rows)] = (inputs, output)
+            inputs, output = slot
+            for tspec, buffer in zip(spec.inputs, inputs, strict=True):
+                buffer.copy_(named[tspec.name])
+            prepared.runner.run(rows)
         return output
 
     def unet(self, x: Tensor, timesteps: Tensor, embeds: Tensor, added: dict[str, Tensor] | None) -> Tensor:
@@ -161,7 +178,7 @@ def engine_networks(
     ]
     # TensorRT loads (and combines timing caches) on the thread's current CUDA device: make it
     # the engine's (cuda:N), or the engines would land on cuda:0.
-    with torch.cuda.device(on) if on.type == "cuda" else contextlib.nullcontext():
+    with on_device(on):
         report = prepare_engines(
             pipe,
             specs,
