@@ -102,6 +102,7 @@ def test_run_bench_reports_each_contenders_device_time(
     )
     report = run_bench(config)
     assert "torch.cuda.Event(enable_timing=True)" in report["device_timing"]
+    assert report["device_ms_taken"] is True
     for row in report["engine"]:
         assert row["engine_device_ms"] == row["sequential_device_ms"] == 7.25
         assert row["skipped_frame_device_ms"] == 7.25

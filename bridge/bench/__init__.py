@@ -158,6 +158,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "warmup": config.warmup,
         "timing": "wall clock per call"
         + (", torch.cuda.synchronize() before the clock stops" if cuda else " (time.perf_counter)"),
+        "device_ms_taken": event_clock(config.device) is not None,
         "device_timing": device_timing(config.device, event_clock(config.device)),
         "path": "uint8 (H, W, 4) host frames in, output_type='uint8' out: the runtime's path, "
         "host-to-device and device-to-host copies included",
