@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import threading
 import types
@@ -26,6 +27,7 @@ from bridge.engine.accel.engine_cache import (
     DeviceInfo,
     EngineCache,
     EngineKey,
+    weights_digest,
 )
 from bridge.engine.accel.onnx_export import (
     Component,
@@ -139,6 +141,28 @@ def test_one_model_s_weights_are_one_engine_whatever_the_model_is_called(
     assert other.built and other.plan_path != first.plan_path
 
 
+def test_the_same_weights_loaded_from_two_folders_are_one_engine(tiny_pipe: Any, tmp_path: Path) -> None:
+    """diffusers writes where a module was loaded from into its config (`_name_or_path`), and
+    its own version (`_diffusers_version`): a hub id and a local copy of the same weights, or
+    a new diffusers, must not build the engine again."""
+    vae_class = type(tiny_pipe.vae)
+    tiny_pipe.vae.save_pretrained(tmp_path / "hub-snapshot")
+    shutil.copytree(tmp_path / "hub-snapshot", tmp_path / "show-copy")
+    loaded = [vae_class.from_pretrained(tmp_path / folder) for folder in ("hub-snapshot", "show-copy")]
+    loaded[1].register_to_config(_diffusers_version="0.99.0")
+    specs = [_decoder(types.SimpleNamespace(unet=tiny_pipe.unet, vae=vae), rows=(1,)) for vae in loaded]
+    assert specs[0].config["_name_or_path"] != specs[1].config["_name_or_path"]  # what the test is about
+    keys = [
+        EngineKey("sd-turbo", weights_digest(vae), spec, "tensorrt", "11.1.0", GPU, BuilderSettings())
+        for vae, spec in zip(loaded, specs, strict=True)
+    ]
+    assert keys[0].weights == keys[1].weights
+    assert keys[0].digest() == keys[1].digest()
+    # The architecture is still in the key: another latent size is another engine.
+    wider = dataclasses.replace(specs[0], config={**specs[0].config, "latent_channels": 16})
+    assert dataclasses.replace(keys[0], spec=wider).digest() != keys[0].digest()
+
+
 # ------------------------------------------------------------------ build, hit, miss
 def test_build_then_hit_follows_the_documented_api(tiny_pipe: Any, tmp_path: Path) -> None:
     fake = make_fake_tensorrt()
@@ -158,7 +182,7 @@ def test_build_then_hit_follows_the_documented_api(tiny_pipe: Any, tmp_path: Pat
         < order.index("set_timing_cache")
         < order.index("build_serialized_network")
     )
-    assert not list((ready.plan_path.parent / "onnx").iterdir())  # the ONNX is dropped after the build
+    assert not (ready.plan_path.parent / "onnx").exists()  # the ONNX is dropped after the build
     assert list(tmp_path.glob("timing-tensorrt-11.1.0-NVIDIA-H200-sm90.cache"))
 
     # A second start: a hit, nothing built, the plan deserialized and validated again.
@@ -536,6 +560,8 @@ def test_a_failed_build_falls_back_with_its_reason_and_is_not_retried(
     assert "running it on the exact torch path" in caplog.text and "/Conv_3" in caplog.text
     failed = list(tmp_path.glob("vae_decoder-*/failed.json"))
     assert len(failed) == 1
+    # The exported ONNX is not left behind for a key that is never built again (GBs for a UNet).
+    assert not (failed[0].parent / "onnx").exists()
 
     retry = make_fake_tensorrt()  # would build fine now, but the failure is remembered
     reason2 = _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, retry).fallbacks[Component.VAE_DECODER]
@@ -667,6 +693,7 @@ def test_a_stop_request_cancels_the_build_and_records_nothing(tiny_pipe: Any, tm
     steps = [c for c in fake.calls if c[0] == "build_serialized_network"]
     assert len(steps) == 1 and fake.timing_hits == []  # the build ended at its first step
     assert not list(tmp_path.glob("*/failed.json")) and not list(tmp_path.glob("*/engine.plan"))
+    assert not list(tmp_path.glob("*/onnx"))  # the export is not left behind either
     assert _prepare(tiny_pipe, [_decoder(tiny_pipe)], tmp_path, make_fake_tensorrt()).ok  # next start builds
 
 

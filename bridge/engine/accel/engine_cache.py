@@ -43,7 +43,8 @@ from bridge.engine.accel.onnx_export import ExportSpec
 
 log = logging.getLogger(__name__)
 
-KEY_FORMAT = 2  # bump when the key's fields change meaning (2: the model's name left the key)
+KEY_FORMAT = 3  # bump when the key's fields change meaning (2: the model's name left the key;
+# 3: so did the module config's private entries, `_name_or_path` (the folder) among them)
 MODEL_NOTE = "model (for people; not part of the key)"  # its entry in key.json and failed.json
 TRANSIENT_ATTEMPTS = 3  # temporary failures in a row before a key is no longer retried
 
@@ -90,6 +91,12 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers module config without its private entries: `_name_or_path` (where it was
+    loaded from), `_diffusers_version`, `_class_name` and the like say nothing of the network."""
+    return {key: value for key, value in config.items() if not str(key).startswith("_")}
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """What an engine depends on. `digest()` names its cache folder. `model` (the name it was
@@ -110,7 +117,7 @@ class EngineKey:
             "format": KEY_FORMAT,
             "weights": self.weights,
             "component": spec.component.value,
-            "module_config": json.dumps(spec.config, sort_keys=True, default=str),
+            "module_config": json.dumps(architecture(spec.config), sort_keys=True, default=str),
             "inputs": [[t.name, list(t.shape), str(t.dtype), list(t.route)] for t in spec.inputs],
             "outputs": [[t.name, list(t.shape), str(t.dtype)] for t in spec.outputs],
             "profiles": list(spec.rows),

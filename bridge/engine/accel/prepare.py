@@ -11,6 +11,7 @@ against torch on fixed inputs at every profile (cosine >= MIN_COSINE, all finite
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -210,9 +211,11 @@ def _prepare_one(
                     raise BuildCancelled(f"the {title} engine build was stopped ({exc})") from exc
                 _record(cache, key, exc)
                 raise
+            finally:
+                # The ONNX (GBs for a real UNet) is exported again if a build ever needs it: built,
+                # failed (remembered, never retried) or stopped, it is not kept.
+                shutil.rmtree(cache.onnx_path(key).parent, ignore_errors=True)
             cache.write_plan(key, plan)
-            for leftover in cache.onnx_path(key).parent.iterdir():
-                leftover.unlink()  # the ONNX (GBs for a real UNet) is rebuilt if ever needed
             _store_timings(cache, key, timing, backend, timeout_s=lock_timeout_s, cancel=cancel)
         else:
             log.info("loading the %s %s engine from %s", backend.name, title, cache.plan_path(key))
