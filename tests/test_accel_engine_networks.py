@@ -146,6 +146,17 @@ def test_a_step_count_without_a_profile_runs_the_unet_in_torch_and_says_so(
         "no engine profile for 8 rows (built for [2, 4]): the unet runs in torch"
         in engine.acceleration_fallback
     )
+    engine.set_guidance_scale(1.0)  # 4 rows: a profile again, and the status says so
+    engine(pattern_uint8(2, SIZE), output_type="uint8")
+    assert engine.acceleration_fallback == ""
+    engine.set_t_index_list([10, 20, 30])  # 6 rows: one reason at a time, the current one
+    engine(pattern_uint8(3, SIZE), output_type="uint8")
+    assert engine.acceleration_fallback == (
+        "unet at 3 rows: no engine profile for 3 rows (built for [2, 4]): the unet runs in torch at this step count"
+    )
+    engine.set_t_index_list([32, 45])
+    engine(pattern_uint8(4, SIZE), output_type="uint8")
+    assert engine.acceleration_fallback == ""
 
 
 def test_without_tensorrt_every_component_runs_exactly_in_torch_and_the_status_says_why(

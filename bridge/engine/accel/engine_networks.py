@@ -61,6 +61,7 @@ class EngineNetworks(Networks):
         self._device_guard = device_guard
         self.fallbacks: dict[str, str] = {c.value: reason for c, reason in report.fallbacks.items()}
         self._slots: dict[tuple[Component, int], tuple[list[Tensor], Tensor]] = {}
+        self._unprofiled: dict[Component, str] = {}  # the `fallbacks` key of a row count now without a profile
         self._dtypes = {
             Component.UNET: pipe.unet.dtype,
             Component.VAE_ENCODER: pipe.vae.dtype,
@@ -68,19 +69,29 @@ class EngineNetworks(Networks):
         }
 
     def _ready(self, component: Component, rows: int) -> Prepared | None:
+        """The component's engine for `rows`, or None (torch runs it). A row count without a
+        profile is in `fallbacks` while the show runs at it, and leaves when it is back on a
+        built one: the status says what is true now."""
         prepared = self.report.ready.get(component)
         if prepared is None:
             return None
-        if rows not in prepared.spec.rows:
-            key = f"{component.value} at {rows} rows"
-            if key not in self.fallbacks:
-                self.fallbacks[key] = (
-                    f"no engine profile for {rows} rows (built for {list(prepared.spec.rows)}): "
-                    f"the {component.value} runs in torch at this step count"
-                )
-                log.warning("%s", self.fallbacks[key])
-            return None
-        return prepared
+        unprofiled = self._unprofiled.get(component)
+        if rows in prepared.spec.rows:
+            if unprofiled is not None:
+                del self.fallbacks[unprofiled], self._unprofiled[component]
+                log.info("the %s runs its engine again (%d rows)", component.value, rows)
+            return prepared
+        key = f"{component.value} at {rows} rows"
+        if unprofiled != key:
+            if unprofiled is not None:
+                del self.fallbacks[unprofiled]
+            self._unprofiled[component] = key
+            self.fallbacks[key] = (
+                f"no engine profile for {rows} rows (built for {list(prepared.spec.rows)}): "
+                f"the {component.value} runs in torch at this step count"
+            )
+            log.warning("%s", self.fallbacks[key])
+        return None
 
     def _run(self, prepared: Prepared, named: dict[str, Tensor]) -> Tensor:
         """Copy the call's tensors into the static inputs (casting the UNet's int timesteps to
