@@ -61,7 +61,8 @@ class EngineNetworks(Networks):
         self._device_guard = device_guard
         self.fallbacks: dict[str, str] = {c.value: reason for c, reason in report.fallbacks.items()}
         self._slots: dict[tuple[Component, int], tuple[list[Tensor], Tensor]] = {}
-        self._unprofiled: dict[Component, str] = {}  # the `fallbacks` key of a row count now without a profile
+        # The `fallbacks` key of the row count each component runs at now without a profile.
+        self._unprofiled: dict[Component, str] = {}
         self._dtypes = {
             Component.UNET: pipe.unet.dtype,
             Component.VAE_ENCODER: pipe.vae.dtype,
