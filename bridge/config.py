@@ -21,7 +21,7 @@ import yaml
 
 from bridge.acceleration import COMPILE_MODES, Acceleration
 from bridge.control.midi_mapping import MidiMapping, check_mapping, mapping_fields, mapping_yaml
-from bridge.params import BY_NAME, LIVE, SHOWN_CHARS, Kind, ParamError, coerce, cut, shown
+from bridge.params import BY_NAME, LIVE, MAX_STEPS, SHOWN_CHARS, Kind, ParamError, coerce, cut, shown
 from bridge.transports.kinds import SINK_KINDS, SOURCE_KINDS
 
 
@@ -44,6 +44,9 @@ class EngineConfig:
     cfg_type: str = "self"  # none | full | self | initialize
     acceleration: str = "none"  # none | compile | cuda_graph | tensorrt, +cuda_graph (bridge/acceleration.py)
     compile_mode: str = "default"  # inductor mode for compile: default | max-autotune-no-cudagraphs
+    # Step counts the show may switch to live, made ready before it starts (compile: compiled;
+    # tensorrt: profiles built) besides the start's own and the table's default.
+    warm_steps: tuple[int, ...] = ()
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float16 | float32
     frame_buffer_size: int = 1  # the live bridge takes only 1 (see _check)
@@ -447,6 +450,10 @@ def _check(config: BridgeConfig) -> None:
         fail(f"engine.{cut(str(exc), 400)}")
     if e.compile_mode not in COMPILE_MODES:
         fail(f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {shown(e.compile_mode)}")
+    if len(e.warm_steps) > MAX_STEPS or any(not 1 <= n <= MAX_STEPS for n in e.warm_steps):
+        fail(
+            f"engine.warm_steps must list step counts within [1, {MAX_STEPS}], got {shown(list(e.warm_steps))}"
+        )
     if accel.cuda_graph and not e.use_denoising_batch:
         fail(
             f"engine.acceleration={e.acceleration} captures the stream batch; it needs "

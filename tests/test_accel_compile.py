@@ -24,6 +24,7 @@ from bridge.engine.accel import ACCELERATIONS, Acceleration, Networks
 from bridge.engine.accel.compile import compile_cache_dir, compiled_networks
 from bridge.params import BY_NAME
 from tests.conftest import pattern, pattern_uint8
+from tests.fake_cudagraph import StandInGraphs
 
 SIZE = 32
 
@@ -93,6 +94,91 @@ def test_after_warm_up_a_guidance_crossing_compiles_nothing(tiny_pipe: Any, cfg:
         _frames(engine, 6, 2)
         engine.set_guidance_scale(1.0)
         _frames(engine, 8, 2)
+
+
+def test_warm_steps_are_compiled_before_the_show_so_a_step_change_compiles_nothing(tiny_pipe: Any) -> None:
+    """`warm_steps`: the other step counts a show may switch to (a MIDI knob on steps). The
+    first warm-up compiles their batch sizes too, on both sides of guidance 1.0, and leaves the
+    stream as `prepare` did: its frames are still exactly the eager engine's."""
+    torch._dynamo.reset()
+    nets = compiled_networks(tiny_pipe, backend="eager")
+    kwargs: dict[str, Any] = {"width": SIZE, "height": SIZE, "cfg_type": "full"}
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], networks=nets, acceleration="compile", warm_steps=[1, 1], **kwargs
+    )
+    eager = StreamEngine(tiny_pipe, [32, 45], **kwargs)
+    assert engine.warm_steps == (1,)
+    for e in (engine, eager):
+        e.prepare("a cat", negative_prompt="blurry", guidance_scale=1.8, seed=4)
+    assert engine.warm_up(pattern_uint8(0, SIZE)) == 2 * 2  # 1 and 2 steps, each guided or not
+    assert engine.t_index_list == [32, 45] and engine.stats.frames == 0
+    got, want = [], []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for values, guidance in (([32, 45], 1.8), ([35], 1.8), ([35], 1.0), ([32, 45], 1.0)):
+            for e in (engine, eager):
+                e.set_t_index_list(values)
+                e.set_guidance_scale(guidance)
+            if engine.needs_warm_up:
+                engine.warm_up()  # the runtime's `warming`: a frame per layout, nothing compiled
+            start = len(got)
+            got += _frames(engine, start, 2)
+            want += _frames(eager, start, 2)
+    assert engine.acceleration_fallback == ""
+    assert all((g == w).all() for g, w in zip(got, want, strict=True))
+    # A count outside warm_steps compiles in warm_up (while the status says `warming`): here
+    # dynamo refuses that recompile, and the engine goes on on the exact path, saying why.
+    engine.set_t_index_list([20, 30, 38, 45])
+    engine.set_guidance_scale(1.8)  # 8 rows: never compiled
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine.warm_up()
+    assert "RecompileError" in engine.acceleration_fallback
+
+
+def test_a_layout_that_fails_to_compile_runs_on_the_exact_path_and_says_why(tiny_pipe: Any) -> None:
+    """A compile that fails at warm-up (a backend error, out of memory while autotuning) must
+    not end the show: frames run on the exact torch networks from then on, and the status
+    (`acceleration_fallback`) says why."""
+    torch._dynamo.reset()
+
+    def broken(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no kernel for aten.convolution on this GPU")
+
+    nets = compiled_networks(tiny_pipe, backend=broken)
+    kwargs: dict[str, Any] = {"width": SIZE, "height": SIZE, "cfg_type": "self"}
+    engine = StreamEngine(tiny_pipe, [32, 45], networks=nets, acceleration="compile", **kwargs)
+    eager = StreamEngine(tiny_pipe, [32, 45], **kwargs)
+    for e in (engine, eager):
+        e.prepare("a cat", guidance_scale=1.4, seed=4)
+    assert engine.acceleration_fallback == ""
+    engine.warm_up(pattern_uint8(0, SIZE))
+    reason = engine.acceleration_fallback
+    assert reason.startswith("compile (")
+    assert "failed while warming up, frames run on the exact torch path" in reason
+    assert "no kernel for aten.convolution on this GPU" in reason
+    got, want = _frames(engine, 0, 3), _frames(eager, 0, 3)
+    assert all((g == w).all() for g, w in zip(got, want, strict=True))
+
+
+def test_a_failure_of_the_exact_path_itself_is_raised(tiny_pipe: Any) -> None:
+    """Nothing to fall back to: the caller (the runtime) hears of it."""
+
+    class Broken(Networks):
+        def unet(self, *args: Any) -> Any:
+            raise RuntimeError("CUDA out of memory")
+
+    engine = StreamEngine(
+        tiny_pipe,
+        [32, 45],
+        width=SIZE,
+        height=SIZE,
+        networks=Broken(tiny_pipe),
+        acceleration="cuda_graph",
+        graph_backend=StandInGraphs(),
+    )
+    engine.prepare("a cat", seed=4)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        engine.warm_up(pattern_uint8(0, SIZE))
+    assert "cuda_graph capture failed, frames run eagerly" in engine.acceleration_fallback
 
 
 def test_without_warm_up_a_guidance_crossing_would_recompile(tiny_pipe: Any) -> None:

@@ -74,6 +74,16 @@ def test_real_model_presets() -> None:
             "params.strength and params.t_index_list both set",
         ),
         (["engine"], "--set engine: expects section.key=value, got 'engine'"),
+        (
+            ["engine.warm_steps=[1, 11]"],
+            "engine.warm_steps must list step counts within [1, 10], got [1, 11]",
+        ),
+        (["engine.warm_steps=[0]"], "engine.warm_steps must list step counts within [1, 10], got [0]"),
+        (["engine.warm_steps=[3, three]"], "engine.warm_steps.1 must be an integer, got 'three'"),
+        (
+            [f"engine.warm_steps={[*range(1, 11), 4]}"],
+            "engine.warm_steps must list step counts within [1, 10], got [1, 2, 3",
+        ),
     ],
 )
 def test_errors_name_the_key(overrides: list[str], message: str) -> None:
@@ -100,6 +110,8 @@ def test_overrides(tmp_path: Path) -> None:
     assert [o.kind for o in config.outputs] == ["null", "preview", "null"]
     assert config.extra_outputs[0].port == 7870
     assert config.osc.allowlist == ("10.0.0.2",)
+    assert load_config(None, ["engine.warm_steps=[1, 3, 4]"]).engine.warm_steps == (1, 3, 4)
+    assert load_config(None, []).engine.warm_steps == ()
     strength = load_config(None, ["params.strength=1.0"])
     assert initial_values(strength)["t_index_list"] == (0, 25)
 

@@ -163,6 +163,16 @@ def test_a_skip_replays_nothing_and_returns_the_previous_frame(tiny_pipe: Any) -
     assert sum(g.replays for g in backend.graphs) == replays
 
 
+def test_warm_up_ends_between_layouts_when_asked_to_stop(tiny_pipe: Any) -> None:
+    """Each layout may compile or capture for a minute on a GPU: a stop (Ctrl+C at start) is
+    asked for between layouts, and what was left is made ready by the next warm-up."""
+    _eager, graph, backend = pair(tiny_pipe, "full", [32, 45])
+    assert graph.warm_up(pattern_uint8(0, SIZE), stop=lambda: len(backend.graphs) >= 1) == 1
+    assert len(backend.graphs) == 1 and graph.needs_warm_up
+    assert graph.warm_up(stop=lambda: False) == 1
+    assert len(backend.graphs) == 2 and not graph.needs_warm_up
+
+
 def test_a_step_count_change_recaptures_and_stays_exact(tiny_pipe: Any) -> None:
     eager, graph, backend = pair(tiny_pipe, "full", [32, 45])
     graph.warm_up(pattern_uint8(0, SIZE))

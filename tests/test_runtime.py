@@ -4,6 +4,7 @@ parameters applied between frames."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -572,3 +573,57 @@ def test_a_step_count_change_warms_the_new_layouts_while_the_status_says_warming
         wait_for(lambda: len(infos) >= n + 3)
         assert len(backend.graphs) == 4
         assert bridge.status().state == "running"
+
+
+def test_a_mid_show_warm_up_that_fails_does_not_stop_the_show(
+    tiny_pipe: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step-count change whose warm-up raises (the exact path itself failed: out of memory,
+    say): the failure is logged and counted as an engine fault, the state goes back to
+    `running`, and frames go on."""
+    from bridge.engine import StreamEngine
+    from bridge.runtime import EngineDriver
+    from tests.fake_cudagraph import StandInGraphs
+
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, acceleration="cuda_graph", graph_backend=StandInGraphs()
+    )
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
+    with caplog.at_level(logging.ERROR), in_background(bridge, start_timeout_s=120) as infos:
+        wait_for(lambda: len(infos) >= 2)
+        warm_up = engine.warm_up
+        failures: list[int] = []
+
+        def fails_once(*examples: Any, **kwargs: Any) -> int:
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("CUDA out of memory while capturing")
+            return warm_up(*examples, **kwargs)
+
+        engine.warm_up = fails_once  # type: ignore[method-assign]
+        applied(bridge, infos, t_index_list=(10, 20, 30, 40))
+        assert failures == [1]
+        assert "warming the new layouts failed; frames go on" in caplog.text
+        assert "CUDA out of memory while capturing" in caplog.text
+        n = len(infos)
+        wait_for(lambda: len(infos) >= n + 3)  # the next turn warms again, and it works
+        assert bridge.status().state == "running"
+        assert bridge.problems() == []  # a good frame cleared the fault
+
+
+def test_the_engine_is_built_with_every_step_count_to_warm(model_cache: Path) -> None:
+    """load_engine: the counts made ready before the show are the table's default (2), the
+    start's (3 here) and the config's warm_steps."""
+    from bridge.runtime.driver import load_engine
+
+    config = load_config(
+        None,
+        [
+            *CONFIG,
+            f"engine.cache_dir={model_cache}",
+            "params.t_index_list=[10, 20, 30]",
+            "engine.warm_steps=[1, 4]",
+        ],
+    )
+    assert load_engine(config).engine.warm_steps == (1, 2, 3, 4)

@@ -79,3 +79,12 @@ def check_frame_buffer_size(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"frame_buffer_size must be an int >= 1, got {value!r}")
     return value
+
+
+def check_warm_steps(values: Sequence[int]) -> tuple[int, ...]:
+    """warm_steps: step counts within [1, MAX_STEPS] (a bool is no count), sorted, each once."""
+    counts = list(values)
+    bad = [v for v in counts if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_STEPS]
+    if bad:
+        raise ValueError(f"warm_steps must be step counts within [1, {MAX_STEPS}], got {counts!r}")
+    return tuple(sorted(set(counts)))

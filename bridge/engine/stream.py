@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from bridge.engine.checks import (
     check_frame_buffer_size,
     check_guidance,
     check_seed,
+    check_warm_steps,
     validate_t_index_list,
 )
 from bridge.engine.guidance import (
@@ -109,11 +110,15 @@ class StreamEngine:
         cache_dir: Path | None = None,
         networks: Networks | None = None,
         graph_backend: GraphBackend | None = None,
+        warm_steps: Sequence[int] = (),
     ) -> None:
         """`acceleration`: see bridge/acceleration.py (`compile` runs inductor in `compile_mode`
         and keeps its caches under `cache_dir`).
         `networks` replaces the modules a frame calls (TensorRT engines, tests); `graph_backend`
-        replaces torch.cuda's capture (tests on machines without CUDA)."""
+        replaces torch.cuda's capture (tests on machines without CUDA).
+        `warm_steps`: other step counts the show may switch to live. `compile` compiles their
+        batch sizes in the first `warm_up` and `tensorrt` builds their profiles, so a change to
+        one of them compiles nothing mid-show."""
         # 1. Check inputs: everything the per-frame path relies on is validated here, once.
         if width % 8 or height % 8 or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
@@ -140,6 +145,7 @@ class StreamEngine:
         self.device: torch.device = pipe.unet.device
         self.dtype: torch.dtype = dtype if dtype is not None else pipe.unet.dtype
         self._t_index_list = validate_t_index_list(t_index_list, None)
+        self.warm_steps = check_warm_steps(warm_steps)
         self._latent_shape = (4, height // 8, width // 8)
         self._vae_scale = float(pipe.vae.config.scaling_factor)
         # 2. The networks a frame calls: eager modules, compiled ones or TensorRT engines.
@@ -152,7 +158,7 @@ class StreamEngine:
             width=width,
             height=height,
             cfg_type=self.cfg_type.value,
-            step_counts=(len(self._t_index_list),),
+            step_counts=sorted({len(self._t_index_list), *self.warm_steps}),
             frame_buffer_size=frame_buffer_size,
         )
         self._vae_is_kl = self.nets.is_kl  # AutoencoderKL samples; AutoencoderTiny does not
@@ -191,6 +197,7 @@ class StreamEngine:
         self._warmed: set[LayoutKey] = set()
         self._sources: set[Hashable] = set()
         self._graph_fallback = ""  # why frames run eagerly although cuda_graph was asked
+        self._nets_fallback = ""  # why frames run on the exact torch networks although more was asked
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -707,7 +714,7 @@ class StreamEngine:
     def acceleration_fallback(self) -> str:
         """Why part of the asked acceleration runs on the exact eager path instead ("" when
         none does): a failed capture, or engines that failed to build or have no profile."""
-        reasons = [self._graph_fallback] if self._graph_fallback else []
+        reasons = [why for why in (self._graph_fallback, self._nets_fallback) if why]
         # A copy: the status thread reads this while the engine thread may add a reason.
         reasons += [f"{part}: {why}" for part, why in dict(getattr(self.nets, "fallbacks", {})).items()]
         return "; ".join(reasons)[:600]
@@ -722,30 +729,68 @@ class StreamEngine:
         return any(key not in self._warmed for key in self._reachable_keys(self._sources))
 
     @torch.no_grad()
-    def warm_up(self, *examples: Tensor | np.ndarray | None) -> int:
+    def warm_up(self, *examples: Tensor | np.ndarray | None, stop: Callable[[], bool] | None = None) -> int:
         """Make every layout the show can reach ready before it needs it: capture its frame
         graph (`cuda_graph`) or compile its batch sizes (`compile`), on both sides of guidance
         1.0 (`full`, `initialize`, `self`). For the input kinds of `examples` (an image as
-        `__call__` takes it; None for txt2img) and every kind seen before. The stream's state is
-        left as it was. Returns how many layouts it made ready (always 0 for `none`: eager
-        kernels need nothing)."""
+        `__call__` takes it; None for txt2img) and every kind seen before. Before the first
+        frame, `compile` also compiles the batch sizes of `warm_steps`. The stream's state is
+        left as it was. `stop` is asked between layouts (each may compile for a minute): when it
+        says True, warm-up ends there. Returns how many layouts it made ready (always 0 for
+        `none`: eager kernels need nothing). A layout that fails to compile or capture runs on
+        the exact path from then on, and `acceleration_fallback` says why; only a failure of
+        the exact path itself raises."""
         self._require_prepared()
         if self.acceleration == Acceleration():
             return 0
+        stopped = stop if stop is not None else lambda: False
         for image in examples:
             staging = None if image is None else self._inputs.stage(image)
             if staging is not None:
                 staging.normalise()
             self._sources.add(self._source_kind(staging))
-        stagings = {self._source_kind(s): s for s in self._inputs.by_kind.values()}
         done = 0
+        if self.acceleration.compile and not self._has_output:
+            done += self._compile_other_step_counts(stopped)
         for key in self._reachable_keys(self._sources):
-            if key in self._warmed:
-                continue
-            source, _n, guided = key
-            with self._guided_as(guided):
-                self._warm_layout(key, None if source == TXT2IMG else stagings[source])
-            done += 1
+            if stopped():
+                break
+            if key not in self._warmed:
+                self._warm_key(key)
+                done += 1
+        return done
+
+    def _warm_key(self, key: LayoutKey) -> None:
+        source, _n, guided = key
+        stagings = {self._source_kind(s): s for s in self._inputs.by_kind.values()}
+        with self._guided_as(guided):
+            self._warm_layout(key, None if source == TXT2IMG else stagings[source])
+
+    def _compile_other_step_counts(self, stopped: Callable[[], bool]) -> int:
+        """Run each layout of every other count in `warm_steps` once, eagerly (never captured:
+        a frame graph holds one count's buffers, captured when the show gets there), so that
+        its batch sizes are compiled. Only before the first frame: the stream is then prepared
+        again at its own count, as `prepare` left it."""
+        counts = [n for n in self.warm_steps if n != self.num_steps]
+        if not counts:
+            return 0
+        kept, graphs, done = self._t_index_list, self._graphs, 0
+        self._graphs = None
+        try:
+            for n in counts:
+                if stopped():
+                    break
+                # Any n values: the batch sizes, not the timesteps, are what compiles.
+                self._t_index_list = list(range(n))
+                self._resize_state(keep_last=False)
+                for key in self._reachable_keys(self._sources):
+                    if stopped():
+                        break
+                    self._warm_key(key)
+                    done += 1
+        finally:
+            self._graphs, self._t_index_list = graphs, kept
+            self._resize_state(keep_last=False)
         return done
 
     def _reachable_keys(self, sources: set[Hashable]) -> list[LayoutKey]:
@@ -785,8 +830,8 @@ class StreamEngine:
                     )
                     log.exception("capturing the frame graph for %s failed; running frames eagerly", key)
                     self._graphs = None
-            else:
-                self._frame(staging, finish=True)
+            if self._graphs is None:
+                self._run_or_fall_back(key, staging)
         finally:
             for tensor, copy in zip(state, saved, strict=True):
                 tensor.copy_(copy)
@@ -794,6 +839,22 @@ class StreamEngine:
             self._seq_stock = seq_stock
             self._generator.set_state(generator)
         self._warmed.add(key)
+
+    def _run_or_fall_back(self, key: LayoutKey, staging: InputStaging | None) -> None:
+        """One eager frame of `key` (it compiles, or binds engine buffers). Where the networks
+        fail at it, frames run on the exact torch networks from then on, and the status says
+        why; a failure of the exact networks themselves is raised."""
+        try:
+            self._frame(staging, finish=True)
+        except Exception as exc:
+            if not (self.acceleration.compile or self.acceleration.tensorrt) or self._nets_fallback:
+                raise
+            self._nets_fallback = (
+                f"{self.nets.name} failed while warming up, frames run on the exact torch path: "
+                f"{type(exc).__name__}: {exc}"
+            )[:400]
+            log.exception("warming %s with %s failed; running on the exact torch path", key, self.nets.name)
+            self.nets = Networks(self.pipe)
 
     def current_prompt(self) -> PromptSpec:
         """The prompt (or blend) in effect."""

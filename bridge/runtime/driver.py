@@ -124,11 +124,12 @@ def load_engine(config: BridgeConfig, *, cancel: threading.Event | None = None) 
     log.info("loading model %r on %s", e.model, device)
     pipe = load_pipeline(e.model, options)
     networks = None
+    # The step counts made ready before the show: the table's default, the config's and the
+    # config's warm_steps (compile compiles them at warm-up; tensorrt builds their profiles).
+    counts = sorted({len(DEFAULT_T_INDEX), len(initial_values(config)["t_index_list"]), *e.warm_steps})
     if Acceleration.parse(e.acceleration).tensorrt:
         from bridge.engine.accel.engine_networks import engine_networks
 
-        # Profiles for the step counts of the start: the table's default and the config's.
-        counts = sorted({len(DEFAULT_T_INDEX), len(initial_values(config)["t_index_list"])})
         networks = engine_networks(
             pipe,
             model=e.model,
@@ -153,6 +154,7 @@ def load_engine(config: BridgeConfig, *, cancel: threading.Event | None = None) 
         compile_mode=e.compile_mode,
         cache_dir=options.cache_dir,
         networks=networks,
+        warm_steps=counts,
     )
     return EngineDriver(engine)
 

@@ -271,7 +271,9 @@ class Bridge:
         """The warm-up frames; False when `stop` came first."""
         e = self.config.engine
         blank = np.zeros((e.height, e.width, 4), np.uint8)
-        ready = driver.engine.warm_up(blank)  # captures or compiles every reachable layout
+        ready = driver.engine.warm_up(blank, stop=stop.is_set)  # captures or compiles every reachable layout
+        if stop.is_set():
+            return False
         if ready:
             log.info("warm-up made %d layout(s) ready (acceleration %s)", ready, e.acceleration)
         for _ in range(self.config.runtime.warmup_frames):
@@ -280,6 +282,25 @@ class Bridge:
             driver.engine(blank, output_type="uint8")
         driver.engine.similarity.reset()
         return True
+
+    def _warm_mid_show(self, engine: Any, stop: threading.Event) -> None:
+        """New layouts after a live step-count change, while the status says `warming`. A layout
+        that fails falls back inside the engine; a failure of the exact path is reported as a
+        frame's would be, and the show goes on (the frames then say whether it still fails)."""
+        self._set_status(state="warming")
+        started = time.perf_counter()
+        try:
+            engine.warm_up(stop=stop.is_set)
+        except Exception as exc:  # counted as a failed engine call: the next good frame clears it
+            self._engine_errors += 1
+            self._engine_error = cut(
+                f"engine: warming the new layouts failed: {type(exc).__name__}: {exc}", 300
+            )
+            log.exception("warming the new layouts failed; frames go on")
+        else:
+            log.info("warmed the new layouts in %.1f s", time.perf_counter() - started)
+        self._set_status(state="running")
+        self._refresh_status()
 
     def _shutdown(self) -> None:
         started = time.perf_counter()
@@ -324,11 +345,7 @@ class Bridge:
             last_input_t = now
             live.apply_pending()
             if engine.needs_warm_up:  # a step-count change: new layouts to capture or compile
-                self._set_status(state="warming")
-                started = time.perf_counter()
-                engine.warm_up()
-                log.info("warmed the new layouts in %.1f s", time.perf_counter() - started)
-                self._set_status(state="running")
+                self._warm_mid_show(engine, stop)
             mode = "frozen" if live.freeze else "bypass" if live.bypass else "live"
             if mode != self.status().mode:
                 self._set_status(mode=mode)
