@@ -15,6 +15,10 @@ from typing import Any
 from bridge.acceleration import COMPILE_MODES, DEFAULT_COMPILE_MODE, Acceleration
 from bridge.config import DEFAULT_CACHE_DIR
 
+# The step counts `sdbridge bench` has a t_index_list preset for: bridge.bench.config's
+# T_INDEX_PRESETS, which imports torch (test_bench_cli keeps the two equal).
+BENCH_STEPS = (1, 2, 3, 4)
+
 DEFAULT_CACHE = Path(DEFAULT_CACHE_DIR).expanduser()
 
 
@@ -306,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="frame size in pixels (default: 128 for tiny, 512 for the full-size architectures)",
     )
     bench.add_argument(
-        "--steps", type=int, nargs="+", default=[1, 2, 4], help="denoising step counts (default 1 2 4)"
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        choices=BENCH_STEPS,
+        help="denoising step counts, each with a fixed t_index_list preset (default 1 2 4)",
     )
     bench.add_argument(
         "--cfg", nargs="+", default=["none", "self"], choices=["none", "full", "self", "initialize"]

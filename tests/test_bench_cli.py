@@ -120,7 +120,10 @@ def test_bench_json_reports_every_figure(model_cache: Path, capsys: pytest.Captu
             assert row["compared_frames"] == 0
     assert report["targets"]["overhead_ratio_max"] == 1.10
     assert report["targets"]["speedup_vs_diffusers_min"] == {"2": 1.3, "4": 2.0}
-    assert "timesteps=[the engine's taus]" in report["matching"]
+    assert (
+        "timesteps=[the engine's taus]" in report["matching"]
+        and "only for cfg none and self" in report["matching"]
+    )
     live = report["live"]
     assert [row["size"] for row in live["shm"]] == [[64, 64], [96, 96]]
     for row in live["shm"]:
@@ -397,3 +400,16 @@ def test_demo_writes_a_contact_sheet(
     assert "frame 2: prompt -> 'neon city at night'" in out and "fps" in out
     sheet = Image.open(tmp_path / "demo.png")
     assert sheet.size == (64 * 6, 128)
+
+
+def test_bench_steps_are_refused_by_the_parser_unless_a_preset_exists(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bridge.bench.config import T_INDEX_PRESETS
+    from bridge.cli import BENCH_STEPS
+
+    assert tuple(sorted(T_INDEX_PRESETS)) == BENCH_STEPS
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--steps", "5"])
+    assert info.value.code == 2
+    assert "argument --steps: invalid choice: 5 (choose from 1, 2, 3, 4)" in capsys.readouterr().err

@@ -170,7 +170,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "skipped_frame": SKIPPED_INCLUDES,
         "diffusers_io": DIFFUSERS_IO,
         "matching": "diffusers img2img gets timesteps=[the engine's taus], strength=1.0, guidance_scale=1.0: "
-        "n UNet calls of batch 1 at the engine's timesteps vs the engine's one call of batch n",
+        "n UNet calls of batch 1 at the engine's timesteps vs the engine's one call of batch n. The "
+        "engines run at guidance 1.2: for cfg full and initialize that adds their negative rows (2n "
+        "or n+1), which diffusers (no negatives) does not run, so vs_diffusers is like for like only "
+        "for cfg none and self",
         "comparison": "each acceleration's timed outputs against acceleration none's on the same input "
         "sequence: identical_to_none (bit for bit); psnr_db_vs_none for inexact accelerations "
         "(null when identical)",
