@@ -159,6 +159,54 @@ def test_a_layout_that_fails_to_compile_runs_on_the_exact_path_and_says_why(tiny
     assert all((g == w).all() for g, w in zip(got, want, strict=True))
 
 
+def test_with_graphs_a_compile_failure_keeps_the_graphs_over_the_exact_networks(tiny_pipe: Any) -> None:
+    """compile+cuda_graph: the compiled networks run once eagerly before the capture, so a
+    compile failure falls back to the exact networks and the graph captures those, instead of
+    the failure being taken for a capture failure that costs the graphs."""
+    torch._dynamo.reset()
+
+    def broken(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no kernel for aten.convolution on this GPU")
+
+    backend = StandInGraphs()
+    kwargs: dict[str, Any] = {"width": SIZE, "height": SIZE, "cfg_type": "self"}
+    engine = StreamEngine(
+        tiny_pipe,
+        [32, 45],
+        networks=compiled_networks(tiny_pipe, backend=broken),
+        acceleration="compile+cuda_graph",
+        graph_backend=backend,
+        **kwargs,
+    )
+    eager = StreamEngine(tiny_pipe, [32, 45], **kwargs)
+    for e in (engine, eager):
+        e.prepare("a cat", guidance_scale=1.4, seed=4)
+    assert engine.warm_up(pattern_uint8(0, SIZE)) == 2
+    assert "cuda_graph capture failed" not in engine.acceleration_fallback
+    assert "failed while warming up, frames run on the exact torch path" in engine.acceleration_fallback
+    assert len(backend.graphs) == 2
+    got, want = _frames(engine, 0, 3), _frames(eager, 0, 3)
+    assert all((g == w).all() for g, w in zip(got, want, strict=True))
+    assert sum(g.replays for g in backend.graphs) == 3
+
+
+def test_warm_steps_beyond_the_schedule_are_left_out(tiny_pipe: Any) -> None:
+    """With num_inference_steps=2 no t_index_list holds more than 2 values: warm_steps=[4]
+    has nothing to compile (it would index past the schedule)."""
+    engine = StreamEngine(
+        tiny_pipe,
+        [0],
+        width=SIZE,
+        height=SIZE,
+        acceleration="compile",
+        networks=Networks(tiny_pipe),
+        warm_steps=[2, 4],
+    )
+    engine.prepare("a cat", num_inference_steps=2, seed=4)
+    assert engine.warm_up(pattern_uint8(0, SIZE)) == 2 * 2  # 1 and 2 steps, each guided or not
+    assert engine.t_index_list == [0]
+
+
 def test_a_failure_of_the_exact_path_itself_is_raised(tiny_pipe: Any) -> None:
     """Nothing to fall back to: the caller (the runtime) hears of it."""
 

@@ -627,3 +627,102 @@ def test_the_engine_is_built_with_every_step_count_to_warm(model_cache: Path) ->
         ],
     )
     assert load_engine(config).engine.warm_steps == (1, 2, 3, 4)
+
+
+def test_a_warm_up_that_keeps_failing_turns_the_state_to_error_and_is_not_retried_every_frame(
+    tiny_pipe: Any,
+) -> None:
+    """The exact path itself fails at the new step count (out of memory at 4 rows, say): the
+    warm-up fails once, the frames then fail on their own, and after ENGINE_ERRORS_FOR_STATE
+    faults in a row the state is `error` and stays so; warm-up is not tried again on every frame
+    (it would flip the state between `warming` and `running` and re-capture each time)."""
+    from bridge.engine import StreamEngine
+    from bridge.engine.accel import Networks
+    from bridge.runtime import EngineDriver
+    from bridge.runtime.loop import ENGINE_ERRORS_FOR_STATE
+    from tests.fake_cudagraph import StandInGraphs
+
+    class OutOfMemoryAt4Rows(Networks):
+        def unet(self, x: Any, *args: Any) -> Any:
+            if x.shape[0] == 4:
+                raise RuntimeError("CUDA out of memory at 4 rows")
+            return super().unet(x, *args)
+
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    engine = StreamEngine(
+        tiny_pipe,
+        [32, 45],
+        width=SIZE,
+        height=SIZE,
+        acceleration="cuda_graph",
+        graph_backend=StandInGraphs(),
+        networks=OutOfMemoryAt4Rows(tiny_pipe),
+    )
+    warm_ups: list[int] = []
+    warm_up = engine.warm_up
+
+    def counted(*examples: Any, **kwargs: Any) -> int:
+        warm_ups.append(1)
+        return warm_up(*examples, **kwargs)
+
+    engine.warm_up = counted  # type: ignore[method-assign]
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
+    states: list[str] = []
+    set_status = bridge._set_status
+
+    def spy(**fields: Any) -> None:
+        if "state" in fields and (not states or states[-1] != fields["state"]):
+            states.append(fields["state"])
+        set_status(**fields)
+
+    bridge._set_status = spy  # type: ignore[method-assign]
+    with in_background(bridge, start_timeout_s=120) as infos:
+        wait_for(lambda: len(infos) >= 2)
+        started = len(warm_ups)
+        bridge.store.submit("t_index_list", (10, 20, 30, 40))
+        wait_for(lambda: bridge.status().state == "error")
+        failed_frames = bridge._engine_errors
+        wait_for(lambda: bridge._engine_errors >= failed_frames + 5)  # frames go on failing
+        assert bridge.status().state == "error" and states[-1] == "error"
+        assert states.count("warming") == 2  # the start's warm-up and the one mid-show, not one per frame
+        assert len(warm_ups) == started + 1
+        assert bridge._engine_errors >= ENGINE_ERRORS_FOR_STATE
+        assert "CUDA out of memory at 4 rows" in bridge.status_dict()["error"]
+
+
+def test_a_stop_during_a_mid_show_warm_up_runs_no_further_frame(tiny_pipe: Any) -> None:
+    """Ctrl+C while the new layouts warm up: the loop ends at once; a frame would make the
+    remaining layouts ready itself (a capture or a compile, a minute on a GPU)."""
+    from bridge.engine import StreamEngine
+    from bridge.runtime import EngineDriver
+    from tests.fake_cudagraph import StandInGraphs
+
+    config = load_config(None, ["output.kind=null", "extra_outputs=[]", "osc.enabled=false", *CONFIG])
+    engine = StreamEngine(
+        tiny_pipe, [32, 45], width=SIZE, height=SIZE, acceleration="cuda_graph", graph_backend=StandInGraphs()
+    )
+    stop = threading.Event()
+    warm_up = engine.warm_up
+    frames_at_stop: list[int] = []
+
+    def interrupted(*examples: Any, **kwargs: Any) -> int:
+        if engine.stats.frames:  # mid-show: the stop arrives while this warm-up runs
+            stop.set()
+            frames_at_stop.append(engine.stats.frames)
+            return 0
+        return warm_up(*examples, **kwargs)
+
+    engine.warm_up = interrupted  # type: ignore[method-assign]
+    bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
+    thread = threading.Thread(target=bridge.run, args=(stop,))
+    thread.start()
+    try:
+        assert bridge.ready.wait(120)
+        wait_for(lambda: engine.stats.frames >= 2)
+        bridge.store.submit("t_index_list", (10, 20, 30, 40))
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert frames_at_stop and engine.stats.frames == frames_at_stop[0]

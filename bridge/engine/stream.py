@@ -771,7 +771,8 @@ class StreamEngine:
         a frame graph holds one count's buffers, captured when the show gets there), so that
         its batch sizes are compiled. Only before the first frame: the stream is then prepared
         again at its own count, as `prepare` left it."""
-        counts = [n for n in self.warm_steps if n != self.num_steps]
+        # A count above num_inference_steps cannot be reached (t_index values are distinct, below it).
+        counts = [n for n in self.warm_steps if n != self.num_steps and n <= self._num_inference_steps]
         if not counts:
             return 0
         kept, graphs, done = self._t_index_list, self._graphs, 0
@@ -821,6 +822,13 @@ class StreamEngine:
         stats = dataclasses.replace(self.stats)
         generator = self._generator.get_state()
         try:
+            # Compiled or engine networks run once eagerly first: a compile (or engine) failure
+            # then falls back to the exact networks, which the graph captures, instead of
+            # costing the graphs.
+            ran = False
+            if self._graphs is None or self.acceleration.compile or self.acceleration.tensorrt:
+                self._run_or_fall_back(key, staging)
+                ran = True
             if self._graphs is not None:
                 try:
                     self._graphs.capture(key, lambda: self._frame(staging, finish=True))
@@ -830,8 +838,8 @@ class StreamEngine:
                     )
                     log.exception("capturing the frame graph for %s failed; running frames eagerly", key)
                     self._graphs = None
-            if self._graphs is None:
-                self._run_or_fall_back(key, staging)
+            if not ran and self._graphs is None:
+                self._run_or_fall_back(key, staging)  # whether the frame runs at all without its graph
         finally:
             for tensor, copy in zip(state, saved, strict=True):
                 tensor.copy_(copy)

@@ -292,15 +292,21 @@ class Bridge:
         try:
             engine.warm_up(stop=stop.is_set)
         except Exception as exc:  # counted as a failed engine call: the next good frame clears it
-            self._engine_errors += 1
-            self._engine_error = cut(
-                f"engine: warming the new layouts failed: {type(exc).__name__}: {exc}", 300
-            )
             log.exception("warming the new layouts failed; frames go on")
+            self._engine_fault(f"engine: warming the new layouts failed: {type(exc).__name__}: {exc}")
         else:
             log.info("warmed the new layouts in %.1f s", time.perf_counter() - started)
-        self._set_status(state="running")
+        self._set_status(state="error" if self._engine_errors >= ENGINE_ERRORS_FOR_STATE else "running")
         self._refresh_status()
+
+    def _engine_fault(self, message: str) -> None:
+        """One more failed engine call (a frame or a warm-up) in a row; the state turns `error`
+        at ENGINE_ERRORS_FOR_STATE of them in a row, until a frame works again."""
+        self._engine_errors += 1
+        self._engine_error = cut(message, 300)
+        if self._engine_errors >= ENGINE_ERRORS_FOR_STATE and self.status().state != "error":
+            self._set_status(state="error")
+            self._refresh_status()
 
     def _shutdown(self) -> None:
         started = time.perf_counter()
@@ -344,8 +350,12 @@ class Bridge:
                 log.warning("the input is back")
             last_input_t = now
             live.apply_pending()
-            if engine.needs_warm_up:  # a step-count change: new layouts to capture or compile
+            # A step-count change: new layouts to capture or compile. Not while engine calls
+            # fail: a failed warm-up is not retried every frame; the frames are tried as they are.
+            if engine.needs_warm_up and not self._engine_errors:
                 self._warm_mid_show(engine, stop)
+                if stop.is_set():
+                    break  # Ctrl+C during the warm-up: no frame that would make the rest ready itself
             mode = "frozen" if live.freeze else "bypass" if live.bypass else "live"
             if mode != self.status().mode:
                 self._set_status(mode=mode)
@@ -360,12 +370,8 @@ class Bridge:
                 try:
                     out = engine(fit(frame.pixels, e.width, e.height), output_type="uint8")
                 except Exception as exc:  # the show goes on: keep the last output, report the fault
-                    self._engine_errors += 1
-                    self._engine_error = cut(f"engine: {type(exc).__name__}: {exc}", 300)
                     log.exception("engine call failed; repeating the last output")
-                    if self._engine_errors == ENGINE_ERRORS_FOR_STATE:
-                        self._set_status(state="error")
-                        self._refresh_status()
+                    self._engine_fault(f"engine: {type(exc).__name__}: {exc}")
                     if last_out is None:
                         continue
                     out, kind = last_out.pixels, "held"
