@@ -539,6 +539,20 @@ def test_ctrl_c_while_the_model_loads_stops_the_process(tmp_path: Path) -> None:
     assert took < 5.0, f"took {took:.1f} s after SIGINT (the contract is 2 s)"
 
 
+def record_states(bridge: Bridge) -> list[str]:
+    """The states `bridge` goes through, each change once, in order."""
+    states: list[str] = []
+    set_status = bridge._set_status
+
+    def spy(**fields: Any) -> None:
+        if "state" in fields and (not states or states[-1] != fields["state"]):
+            states.append(fields["state"])
+        set_status(**fields)
+
+    bridge._set_status = spy  # type: ignore[method-assign]
+    return states
+
+
 def test_a_step_count_change_warms_the_new_layouts_while_the_status_says_warming(tiny_pipe: Any) -> None:
     """cuda_graph (on the stand-in graph backend): the start captures both guidance layouts; a
     step-count change captures the new count with the state `warming`, between frames."""
@@ -552,15 +566,7 @@ def test_a_step_count_change_warms_the_new_layouts_while_the_status_says_warming
         tiny_pipe, [32, 45], width=SIZE, height=SIZE, acceleration="cuda_graph", graph_backend=backend
     )
     bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
-    states: list[str] = []
-    set_status = bridge._set_status
-
-    def spy(**fields: Any) -> None:
-        if "state" in fields and (not states or states[-1] != fields["state"]):
-            states.append(fields["state"])
-        set_status(**fields)
-
-    bridge._set_status = spy  # type: ignore[method-assign]
+    states = record_states(bridge)
     with in_background(bridge, start_timeout_s=120) as infos:
         wait_for(lambda: len(infos) >= 2)
         assert len(backend.graphs) == 2  # captured at warm-up: unguided and guided
@@ -667,15 +673,7 @@ def test_a_warm_up_that_keeps_failing_turns_the_state_to_error_and_is_not_retrie
 
     engine.warm_up = counted  # type: ignore[method-assign]
     bridge = Bridge(config, engine_factory=lambda _cfg: EngineDriver(engine), source=GatedSource())
-    states: list[str] = []
-    set_status = bridge._set_status
-
-    def spy(**fields: Any) -> None:
-        if "state" in fields and (not states or states[-1] != fields["state"]):
-            states.append(fields["state"])
-        set_status(**fields)
-
-    bridge._set_status = spy  # type: ignore[method-assign]
+    states = record_states(bridge)
     with in_background(bridge, start_timeout_s=120) as infos:
         wait_for(lambda: len(infos) >= 2)
         started = len(warm_ups)
