@@ -71,6 +71,12 @@ class Acceleration:
         return "+".join(name for name in PARTS if getattr(self, name)) or "none"
 
     @property
+    def replaces_networks(self) -> bool:
+        """Whether frames call other networks than the pipe's own modules (compiled ones or
+        built engines), which can fail where the exact torch modules would not."""
+        return self.compile or self.tensorrt
+
+    @property
     def exact(self) -> bool:
         """Whether frames are bit for bit those of the eager path: graphs replay the eager
         kernels; inductor and TensorRT fuse ops without rounding to fp16 between them, and the

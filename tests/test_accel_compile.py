@@ -38,6 +38,11 @@ def test_the_config_offers_every_acceleration_the_engine_takes() -> None:
         with pytest.raises(ValueError, match="acceleration must be none or parts joined by"):
             Acceleration.parse(bad)
     assert Acceleration.parse("cuda_graph").exact and not Acceleration.parse("compile").exact
+    assert (
+        Acceleration.parse("compile+cuda_graph").replaces_networks
+        and Acceleration.parse("tensorrt").replaces_networks
+    )
+    assert not Acceleration.parse("cuda_graph+channels_last+cudnn_benchmark").replaces_networks
     tuned = Acceleration.parse("cudnn_benchmark+cuda_graph+channels_last")
     assert str(tuned) == "cuda_graph+channels_last+cudnn_benchmark" and not tuned.exact
 

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from bridge.engine import StreamEngine
 from tests.conftest import pattern, pattern_uint8, spy_unet
 from tests.fake_cudagraph import StandInGraphs
+from tests.test_engine_graphs import pair
 from tests.test_engine_reference import PREP, SIZE, Reference, _Packet, engine_for, frames_for
 from tests.test_engine_stream import _img2img_reference
 
@@ -71,20 +72,8 @@ def test_a_seed_blend_continues_the_heaviest_seeds_generator(tiny_pipe: Any) -> 
 def test_a_step_count_change_and_back_without_warm_up_replays_no_stale_graph(tiny_pipe: Any) -> None:
     """A step-count change drops every graph: going 2 -> 4 -> 2 steps with frames in between and
     no warm_up (the frame captures what it lacks) must not replay a graph of the old buffers."""
-    engines = []
-    for acceleration in ("none", "cuda_graph"):
-        engine = StreamEngine(
-            tiny_pipe,
-            [32, 45],
-            width=SIZE,
-            height=SIZE,
-            cfg_type="self",
-            acceleration=acceleration,
-            graph_backend=StandInGraphs() if acceleration == "cuda_graph" else None,
-        )
-        engine.prepare("a photo of a cat", negative_prompt="blurry", guidance_scale=1.8, delta=0.7, seed=5)
-        engines.append(engine)
-    eager, graph = engines
+    eager, graph, _backend = pair(tiny_pipe, "self", [32, 45])
+    engines = (eager, graph)
     graph.warm_up(pattern_uint8(0, SIZE))
     for k in range(9):
         if k in (2, 5):

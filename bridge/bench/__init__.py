@@ -142,6 +142,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
 
         live = run_live_bench(factory_for, progress, osc_size=size, sizes=tuple(config.live_sizes))
     cuda = config.device.startswith("cuda")
+    clock = event_clock(config.device)
     device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     return {
         "device": config.device,
@@ -158,8 +159,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _msg
         "warmup": config.warmup,
         "timing": "wall clock per call"
         + (", torch.cuda.synchronize() before the clock stops" if cuda else " (time.perf_counter)"),
-        "device_ms_taken": event_clock(config.device) is not None,
-        "device_timing": device_timing(config.device, event_clock(config.device)),
+        "device_ms_taken": clock is not None,
+        "device_timing": device_timing(config.device, clock),
         "path": "uint8 (H, W, 4) host frames in, output_type='uint8' out: the runtime's path, "
         "host-to-device and device-to-host copies included",
         "latency": "latency_ms = frames_in_flight x ms: the stream batch's output for a frame leaves "

@@ -826,7 +826,7 @@ class StreamEngine:
             # then falls back to the exact networks, which the graph captures, instead of
             # costing the graphs.
             ran = False
-            if self._graphs is None or self.acceleration.compile or self.acceleration.tensorrt:
+            if self._graphs is None or self.acceleration.replaces_networks:
                 self._run_or_fall_back(key, staging)
                 ran = True
             if self._graphs is not None:
@@ -855,7 +855,7 @@ class StreamEngine:
         try:
             self._frame(staging, finish=True)
         except Exception as exc:
-            if not (self.acceleration.compile or self.acceleration.tensorrt) or self._nets_fallback:
+            if not self.acceleration.replaces_networks or self._nets_fallback:
                 raise
             self._nets_fallback = (
                 f"{self.nets.name} failed while warming up, frames run on the exact torch path: "

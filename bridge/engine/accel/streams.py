@@ -8,10 +8,10 @@ logs "Using default stream in enqueueV3() ..." when it is given one. Outside a c
 torch's current stream usually is that stream (handle 0). The two other handles CUDA reserves,
 `cudaStreamLegacy` (1, the same stream by another name) and `cudaStreamPerThread` (2, which a
 build with per-thread default streams hands out), are treated alike: a fork costs two event
-records, a default stream handed to TensorRT costs device syncs. So `enqueue` forks: a private stream
-of the engine's device waits for torch's stream (an event), takes the call, and torch's stream
-waits for it afterwards (another event). Work around the call keeps its order, and no host sync
-is added. Any other stream (the capture stream while a frame graph is captured, a user's stream)
+records, a default stream handed to TensorRT costs device syncs. So `enqueue` forks: a private
+stream of the engine's device waits for torch's stream (an event), takes the call, and torch's
+stream waits for it afterwards (another event). Work around the call keeps its order, and no
+host sync is added. Any other stream (the capture stream while a frame graph is captured, a user's stream)
 takes the call directly, as a captured graph must hold it.
 
 torch's CUDA calls stay behind `Streams`, so the runner is tested without CUDA.
